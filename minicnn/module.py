@@ -1,0 +1,242 @@
+"""Parameter, Module and Sequential: the manual-backward contract every layer follows.
+
+Contract (no autograd anywhere):
+- ``forward(x)`` computes the output and, in training mode only, caches what backward needs;
+- ``backward(dy) -> dx`` returns the gradient w.r.t. the input, *adds* each parameter gradient
+  into ``Parameter.grad`` and never mutates ``dy``;
+- ``output_shape(in_shape)`` is the shape check: it names the layer, what it expected and what
+  came, and is what ``summary`` prints.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from .backend import device, device_of, get_array_module, get_default_dtype, to_numpy
+
+
+class ShapeError(ValueError):
+    """An input whose rank, size or channel count a layer cannot take."""
+
+
+class Parameter:
+    """A trainable array and its gradient, both arrays of the model's backend.
+
+    ``grad`` always exists (zeros after ``zero_grad``), so backward passes add into it in place
+    and the same buffers serve every step.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad")
+
+    def __init__(self, data, requires_grad=True):
+        xp = get_array_module(data)
+        self.data = data
+        self.grad = xp.zeros_like(data)
+        self.requires_grad = requires_grad
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self):
+        return device_of(self.data)
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def zero_grad(self):
+        self.grad.fill(0)
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class Module:
+    """Base class of every layer and model.
+
+    Parameters and sub-modules are found by walking the instance attributes in the order they
+    were assigned, so ``parameters()`` follows definition order (weight before bias) and
+    ``state_dict()`` keys read like PyTorch's (``"0.weight"``, ``"fc.bias"``).
+    """
+
+    training = True
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def output_shape(self, in_shape):
+        """Shape of ``forward``'s output for an input of ``in_shape``; raises ``ShapeError``."""
+        return tuple(in_shape)
+
+    # --- walking the tree --------------------------------------------------------------------
+
+    def named_children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def children(self):
+        return [m for _, m in self.named_children()]
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix=""):
+        for name, value in vars(self).items():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(value, Parameter):
+                yield full, value
+            elif isinstance(value, Module):
+                yield from value.named_parameters(full)
+
+    def parameters(self):
+        """All parameters, in definition order (weight before bias)."""
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self):
+        return sum(int(p.size) for p in self.parameters())
+
+    # --- modes, devices, gradients -----------------------------------------------------------
+
+    def train(self, mode=True):
+        for _, m in self.named_modules():
+            m.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    def to(self, dev):
+        """Move every parameter (values and gradients) to ``dev``; returns self."""
+        xp = device(dev).xp
+        for p in self.parameters():
+            p.data = xp.asarray(p.data)
+            p.grad = xp.asarray(p.grad)
+        return self
+
+    @property
+    def device(self):
+        params = self.parameters()
+        return params[0].device if params else device("cpu")
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """An ordered dict of name -> NumPy copy of each parameter's values."""
+        return OrderedDict((name, to_numpy(p.data).copy()) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict=True):
+        """Copy values from ``state`` (name -> array) into the parameters, in place.
+
+        Names and shapes must match; with ``strict=False`` missing and unexpected names are
+        allowed (shapes still must match). Values keep each parameter's device and dtype.
+        """
+        own = OrderedDict(self.named_parameters())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"{type(self).__name__}.load_state_dict: state does not match the model; "
+                           f"missing keys {missing}, unexpected keys {unexpected}")
+        for name, p in own.items():
+            if name not in state:
+                continue
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ShapeError(f"{type(self).__name__}.load_state_dict: '{name}' expected shape "
+                                 f"{tuple(p.shape)}, got {tuple(value.shape)}")
+            xp = get_array_module(p.data)
+            p.data[...] = xp.asarray(value).astype(p.dtype, copy=False)
+
+    # --- printing ------------------------------------------------------------------------------
+
+    def summary(self, input_shape):
+        """A table of each layer's output shape and parameter count for an input of ``input_shape``.
+
+        ``input_shape`` includes the batch dimension, e.g. ``(1, 1, 28, 28)``.
+        """
+        rows = []
+        shape = tuple(input_shape)
+        layers = list(self.named_children()) if isinstance(self, Sequential) else [("", self)]
+        for name, layer in layers:
+            shape = layer.output_shape(shape)
+            rows.append((f"{name} {type(layer).__name__}".strip(), str(shape), layer.num_parameters()))
+        width = max(len(r[0]) for r in rows + [("layer", "", 0)])
+        swidth = max(len(r[1]) for r in rows + [("", "output shape", 0)])
+        lines = [f"{'layer':<{width}}  {'output shape':<{swidth}}  {'params':>10}"]
+        lines.append("-" * len(lines[0]))
+        lines += [f"{n:<{width}}  {s:<{swidth}}  {c:>10,}" for n, s, c in rows]
+        lines.append("-" * len(lines[0]))
+        lines.append(f"total parameters: {self.num_parameters():,}")
+        return "\n".join(lines)
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        children = list(self.named_children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        body = "\n".join(f"  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in children)
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+class Sequential(Module):
+    """Layers applied in order; ``backward`` runs them in reverse. Indexable like a list."""
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: argument {i} must be a Module, got {type(layer).__name__}")
+            setattr(self, str(i), layer)
+
+    def _layers(self):
+        return [m for _, m in self.named_children()]
+
+    def __getitem__(self, i):
+        layers = self._layers()
+        if isinstance(i, slice):
+            return Sequential(*layers[i])
+        return layers[i]
+
+    def __len__(self):
+        return len(self._layers())
+
+    def __iter__(self):
+        return iter(self._layers())
+
+    def forward(self, x):
+        for layer in self._layers():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self._layers()):
+            dy = layer.backward(dy)
+        return dy
+
+    def output_shape(self, in_shape):
+        for layer in self._layers():
+            in_shape = layer.output_shape(in_shape)
+        return in_shape
+
+
+def new_param(values):
+    """A ``Parameter`` made from host values in the default dtype (on the CPU; ``Module.to`` moves)."""
+    return Parameter(np.ascontiguousarray(values, dtype=get_default_dtype()))
