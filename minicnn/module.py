@@ -65,6 +65,7 @@ class Module:
     """
 
     training = True
+    _cache = None     # what the last training-mode forward kept for backward
 
     def __call__(self, x):
         return self.forward(x)
@@ -74,6 +75,14 @@ class Module:
 
     def backward(self, dy):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _pop_cache(self):
+        """Hand backward what forward kept, and drop it so its memory is freed after the step."""
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a training-mode "
+                               "forward before it (eval mode caches nothing)")
+        cache, self._cache = self._cache, None
+        return cache
 
     def output_shape(self, in_shape):
         """Shape of ``forward``'s output for an input of ``in_shape``; raises ``ShapeError``."""

@@ -1,0 +1,14 @@
+"""minicnn: a small, fast, from-scratch CNN framework.
+
+NumPy arrays on the CPU, CuPy arrays and hand-written CUDA kernels on NVIDIA GPUs, every backward
+pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``, ``minicnn.Adam``,
+``minicnn.fit``, ``minicnn.save`` ...
+"""
+from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
+                      set_default_dtype, to_device, to_numpy)
+from .layers import AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from .losses import CrossEntropyLoss
+from .module import Module, Parameter, Sequential, ShapeError
+from .testing import GradcheckError, gradcheck
+
+__version__ = "0.1.0"
