@@ -1,0 +1,147 @@
+"""Training and evaluation loops with progress bars and a per-epoch history.
+
+Loss and accuracy are summed on the model's device and read back once per ``log_every`` steps
+and at the end of an epoch, so a GPU step never waits for the host.
+"""
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backend import get_array_module, to_numpy
+
+
+class History:
+    """Per-epoch metrics of ``fit``: ``history.epochs`` is a list of dicts, ``history["val_accuracy"]``
+    the list of one metric over the epochs."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def append(self, row):
+        self.epochs.append(row)
+
+    def __getitem__(self, key):
+        return [row[key] for row in self.epochs if key in row]
+
+    def __len__(self):
+        return len(self.epochs)
+
+    def __repr__(self):
+        return f"History({self.epochs!r})"
+
+
+class _Meter:
+    """Sums of loss and correct predictions kept on the device, read on demand."""
+
+    def __init__(self):
+        self.loss = 0.0
+        self.correct = 0
+        self.count = 0
+
+    def add(self, loss, logits, targets):
+        n = targets.shape[0]
+        if loss is not None:
+            self.loss = self.loss + loss * n
+        self.correct = self.correct + (logits.argmax(axis=1) == targets).sum()
+        self.count += n
+
+    def read(self):
+        """(mean loss, accuracy) as Python floats: the one host sync."""
+        n = max(self.count, 1)
+        return float(to_numpy(self.loss)) / n, float(to_numpy(self.correct)) / n
+
+
+def _check_finite(loader):
+    """Refuse training data with NaN or inf: it would silently poison every weight."""
+    images = getattr(getattr(loader, "dataset", None), "images", None)
+    if images is None:
+        return
+    xp = get_array_module(images)
+    finite = xp.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+    if not bool(finite.all()):
+        bad = np.flatnonzero(~to_numpy(finite))
+        raise ValueError(f"fit: the training data holds NaN or inf in {bad.size} samples "
+                         f"(first indices {bad[:5].tolist()}); clean or drop them before training")
+
+
+def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
+    """Run ``model`` in eval mode over ``loader``'s (x, y) batches.
+
+    Returns {"loss": mean loss (only with ``loss_fn``), "accuracy": fraction correct,
+    "images": count}. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    meter = _Meter()
+    try:
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+            logits = model(x)
+            meter.add(loss_fn(logits, y) if loss_fn is not None else None, logits, y)
+    finally:
+        model.train(was_training)
+    loss, acc = meter.read()
+    out = {"accuracy": acc, "images": meter.count}
+    if loss_fn is not None:
+        out["loss"] = loss
+    return out
+
+
+def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, scheduler=None,
+        scheduler_interval="epoch", progress=True, log_every=20, start_epoch=0):
+    """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
+
+    Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step.
+    ``scheduler.step()`` runs after every epoch, or after every batch with
+    ``scheduler_interval="batch"`` (as OneCycleLR wants). A progress bar per epoch shows loss,
+    accuracy and images/s, refreshed every ``log_every`` steps. With ``val_loader`` each epoch
+    ends with an evaluation. Per-epoch rows hold train_loss, train_accuracy, val_loss,
+    val_accuracy, seconds (training time of the epoch), images_per_s, and elapsed (seconds from
+    the first step to the end of this epoch's evaluation). ``start_epoch`` numbers the epochs of
+    a resumed run.
+    """
+    if scheduler_interval not in ("epoch", "batch"):
+        raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+    _check_finite(train_loader)
+    history = History()
+    first_step = time.perf_counter()
+    for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
+        model.train()
+        meter = _Meter()
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{start_epoch + epochs}", unit="batch",
+                   disable=not progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar, 1):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad()
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            if scheduler is not None and scheduler_interval == "batch":
+                scheduler.step()
+            meter.add(loss, logits, y)
+            if progress and step % log_every == 0:
+                mean_loss, acc = meter.read()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
+                                img_s=f"{meter.count / (time.perf_counter() - t0):,.0f}")
+        train_loss, train_acc = meter.read()
+        seconds = time.perf_counter() - t0
+        bar.close()
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+               "seconds": seconds, "images_per_s": meter.count / seconds}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, loss_fn, progress=progress, desc="test")
+            row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
+        row["elapsed"] = time.perf_counter() - first_step
+        history.append(row)
+        if progress:
+            msg = (f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, "
+                   f"{row['images_per_s']:,.0f} images/s")
+            if val_loader is not None:
+                msg += f"; test loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
+            tqdm.write(msg)
+    return history
