@@ -6,9 +6,12 @@ pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``,
 """
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
                       set_default_dtype, to_device, to_numpy)
+from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
+                   DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
 from .layers import AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .losses import CrossEntropyLoss
 from .module import Module, Parameter, Sequential, ShapeError
 from .testing import GradcheckError, gradcheck
+from .train import History, evaluate, fit
 
 __version__ = "0.1.0"

@@ -82,18 +82,23 @@ def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
 def maxpool2d(x, kh, kw, stride, pad):
     """Max over each window; padding is -inf so it never wins; the first maximum wins ties.
 
-    x (B,C,H,W) -> y (B,C,OH,OW) and argmax (B,C,OH,OW) int32, the offset i*kw + j of the winner
-    inside its window. A running maximum over the kh*kw offsets, so no window is ever copied.
+    x (B,C,H,W) -> y (B,C,OH,OW) and argmax (B,C,OH,OW), the offset i*kw + j of the winner inside
+    its window, in the smallest unsigned type that holds kh*kw - 1 (uint8 for kernels up to 16x16).
+    A running maximum over the kh*kw offsets: no window is ever copied.
     """
     win = _windows(_pad(x, pad, -np.inf), kh, kw, stride)
-    y = win[..., 0, 0].copy()
-    argmax = np.zeros(y.shape, dtype=np.int32)
-    better = np.empty(y.shape, dtype=bool)
+    index_type = np.min_scalar_type(kh * kw - 1)
+    y = np.copy(win[..., 0, 0], order="K")
+    argmax = np.zeros_like(y, dtype=index_type)
+    better = np.empty_like(y, dtype=bool)
+    offset = np.empty_like(argmax)
     for k in range(1, kh * kw):
         v = win[..., k // kw, k % kw]
         np.greater(v, y, out=better)              # strictly greater: an equal later value loses
         np.maximum(y, v, out=y)                   # NaN propagates into y
-        np.copyto(argmax, k, where=better)
+        # k exceeds every earlier offset, so a max puts k exactly where this offset won
+        np.multiply(better, index_type.type(k), out=offset)
+        np.maximum(argmax, offset, out=argmax)
     return y, argmax
 
 

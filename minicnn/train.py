@@ -88,7 +88,8 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
 
 
 def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, scheduler=None,
-        scheduler_interval="epoch", progress=True, log_every=20, start_epoch=0):
+        scheduler_interval="epoch", progress=True, verbose=True, log_every=20, start_epoch=0,
+        on_epoch_end=None):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
     Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step.
@@ -98,7 +99,8 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     ends with an evaluation. Per-epoch rows hold train_loss, train_accuracy, val_loss,
     val_accuracy, seconds (training time of the epoch), images_per_s, and elapsed (seconds from
     the first step to the end of this epoch's evaluation). ``start_epoch`` numbers the epochs of
-    a resumed run.
+    a resumed run. ``verbose`` prints one summary line per epoch; ``on_epoch_end(row)`` is called
+    after each epoch (to save a checkpoint, say).
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
@@ -138,10 +140,12 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
         row["elapsed"] = time.perf_counter() - first_step
         history.append(row)
-        if progress:
+        if verbose:
             msg = (f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, "
                    f"{row['images_per_s']:,.0f} images/s")
             if val_loader is not None:
                 msg += f"; test loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
-            tqdm.write(msg)
+            tqdm.write(msg + f" ({row['elapsed']:.1f} s since the first step)")
+        if on_epoch_end is not None:
+            on_epoch_end(row)
     return history
