@@ -1,0 +1,228 @@
+"""Checkpoints: one ``.npz`` file, readable without pickle, written atomically.
+
+Entries of the file (an uncompressed zip written by ``numpy.savez``)::
+
+    model/<name>      each parameter's values, e.g. "model/0.weight"
+    optim/<i>.<buf>   the optimizer's state buffers, e.g. "optim/0.exp_avg" (when saved)
+    __meta__          uint8 array of UTF-8 JSON: format and minicnn versions, the model's class and
+                      parameter names/shapes/dtypes, the optimizer's type/hyper-parameters/step and
+                      buffer names, the scheduler's state, the user's metadata
+
+``load`` checks the whole file against the model (and optimizer, scheduler) before changing
+anything, and turns every problem into a ``CheckpointError`` that names the file.
+"""
+import contextlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .lr_scheduler import LRScheduler
+from .module import Module
+from .optim import Optimizer
+
+FORMAT = "minicnn-checkpoint"
+FORMAT_VERSION = 1
+
+# what a truncated, corrupt or foreign file can raise inside numpy.load and zipfile; RuntimeError
+# covers a flipped bit read as "encrypted" or (NotImplementedError) as an unknown compression
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError, struct.error,
+                RuntimeError, OverflowError)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit what it is loaded into."""
+
+
+def save(model, path, optimizer=None, scheduler=None, metadata=None):
+    """Write ``model``'s parameters to ``path``, with the optimizer's and scheduler's state and a
+    JSON-able ``metadata`` dict when given.
+
+    ``path`` is used exactly as given (no ".npz" is appended). The write is atomic: a crash or
+    an error leaves the previous file at ``path`` (if any) untouched and no temporary file.
+    """
+    _check_arg("model", model, Module)
+    _check_arg("optimizer", optimizer, Optimizer, optional=True)
+    _check_arg("scheduler", scheduler, LRScheduler, optional=True)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"save: metadata must be a dict, got {type(metadata).__name__}")
+    path = os.fspath(path)
+
+    state = model.state_dict()
+    arrays = {f"model/{name}": value for name, value in state.items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "minicnn_version": getattr(sys.modules[__package__], "__version__", "unknown"),
+        "model": {"class": type(model).__name__,
+                  "parameters": [{"name": name, "shape": list(value.shape),
+                                  "dtype": str(value.dtype)} for name, value in state.items()]},
+        "optimizer": None,
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "metadata": metadata or {},
+    }
+    if optimizer is not None:
+        opt_state = optimizer.state_dict()
+        buffers = opt_state.pop("buffers")
+        arrays.update((f"optim/{key}", value) for key, value in buffers.items())
+        meta["optimizer"] = dict(opt_state, buffers=list(buffers))
+    try:
+        text = json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save: metadata must be JSON-serializable (dict, list, str, number, "
+                        f"bool, None): {e}") from None
+    arrays["__meta__"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    _write_atomic(path, arrays)
+
+
+def load(model, path, optimizer=None, scheduler=None):
+    """Load a checkpoint written by ``save`` into ``model`` (and ``optimizer``, ``scheduler``
+    when given); returns the user metadata dict.
+
+    Strict: parameter names and shapes must match the model exactly, and an optimizer or
+    scheduler asked for must have its state in the file. Any problem, including a truncated or
+    corrupt file, raises ``CheckpointError`` before anything is modified. Values keep each
+    parameter's device and dtype.
+    """
+    _check_arg("model", model, Module)
+    _check_arg("optimizer", optimizer, Optimizer, optional=True)
+    _check_arg("scheduler", scheduler, LRScheduler, optional=True)
+    path = os.fspath(path)
+    meta, arrays = _read(path)
+
+    def fail(problem):
+        return CheckpointError(f"load: checkpoint {path!r} {problem}")
+
+    # the header and the arrays must agree, or the file was not written by save
+    try:
+        params = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in meta["model"]["parameters"]}
+        saved_class = meta["model"]["class"]
+        opt_meta, sched_state, user = meta["optimizer"], meta["scheduler"], meta["metadata"]
+        buffer_keys = [] if opt_meta is None else list(opt_meta["buffers"])
+    except (KeyError, TypeError) as e:
+        raise fail(f"has a malformed header ({type(e).__name__}: {e})") from None
+    expected = {f"model/{n}" for n in params} | {f"optim/{k}" for k in buffer_keys}
+    if set(arrays) != expected:
+        raise fail(f"is inconsistent: entries missing {sorted(expected - set(arrays))}, "
+                   f"unexpected {sorted(set(arrays) - expected)}")
+    for name, (shape, dtype) in params.items():
+        value = arrays[f"model/{name}"]
+        if value.shape != shape or str(value.dtype) != dtype:
+            raise fail(f"is inconsistent: '{name}' is {value.dtype}{list(value.shape)}, "
+                       f"its header says {dtype}{list(shape)}")
+
+    own = dict(model.named_parameters())
+    missing = [n for n in own if n not in params]
+    unexpected = [n for n in params if n not in own]
+    if missing or unexpected:
+        raise fail(f"does not fit {type(model).__name__} (it was saved from {saved_class}): "
+                   f"missing parameters {missing}, unexpected parameters {unexpected}")
+    for name, p in own.items():
+        if params[name][0] != tuple(p.shape):
+            raise fail(f"does not fit {type(model).__name__} (it was saved from {saved_class}): "
+                       f"'{name}' has shape {params[name][0]} in the checkpoint, "
+                       f"{tuple(p.shape)} in the model")
+
+    if optimizer is not None:
+        if opt_meta is None:
+            raise fail("holds no optimizer state (it was saved without optimizer=); "
+                       "load it without optimizer= or save one with it")
+        opt_state = dict(opt_meta, buffers={k: arrays[f"optim/{k}"] for k in buffer_keys})
+        _check_state(fail, "optimizer", optimizer, opt_state)
+    if scheduler is not None:
+        if sched_state is None:
+            raise fail("holds no scheduler state (it was saved without scheduler=); "
+                       "load it without scheduler= or save one with it")
+        _check_state(fail, "scheduler", scheduler, sched_state)
+
+    model.load_state_dict({name: arrays[f"model/{name}"] for name in params})
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(sched_state)
+    return user
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _check_arg(name, value, cls, optional=False):
+    if not (isinstance(value, cls) or (optional and value is None)):
+        raise TypeError(f"{name} must be a minicnn {cls.__name__}"
+                        f"{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _check_state(fail, what, obj, state):
+    try:
+        obj.check_state_dict(state)
+    except (TypeError, ValueError) as e:
+        raise fail(f"has {what} state that does not fit {type(obj).__name__}: {e}") from None
+
+
+def _write_atomic(path, arrays):
+    """np.savez into a temporary file beside ``path``, fsync, then rename it over ``path``: a
+    reader or a crash sees the old file or the new one, never part of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"save: directory {directory!r} does not exist")
+    tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                      suffix=".tmp", delete=False)
+    try:
+        with tmp:
+            # a file object, not a name: np.savez would append ".npz" to a name
+            np.savez(tmp, **arrays)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        # temporary files are made private (0600); give the checkpoint the mode open() would
+        os.chmod(tmp.name, 0o666 & ~_umask())
+        os.replace(tmp.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp.name)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read(path):
+    """(header dict, name -> array) of the checkpoint at ``path``; CheckpointError if unreadable."""
+    # opened here so that a missing file is a FileNotFoundError, not a corrupt checkpoint
+    with open(path, "rb") as f:
+        try:
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise CheckpointError(f"load: {path!r} is a single .npy array, not a minicnn "
+                                      "checkpoint (.npz archive)")
+            with npz:
+                arrays = {key: npz[key] for key in npz.files}
+            raw = arrays.pop("__meta__", None)
+            if raw is None:
+                raise CheckpointError(f"load: {path!r} has no '__meta__' entry: it is an .npz "
+                                      "archive but not a minicnn checkpoint")
+            meta = json.loads(raw.tobytes().decode("utf-8"))
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            raise CheckpointError(f"load: {path!r} is not a readable minicnn checkpoint "
+                                  f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"load: {path!r} is an .npz archive but not a minicnn checkpoint "
+                              f"(its header's format is not {FORMAT!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"load: {path!r} has checkpoint format version {version!r}; this "
+                              f"minicnn reads versions up to {FORMAT_VERSION} (upgrade minicnn)")
+    return meta, arrays
