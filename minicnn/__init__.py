@@ -8,9 +8,12 @@ from .backend import (Device, DeviceError, device, get_array_module, get_default
                       set_default_dtype, to_device, to_numpy)
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
                    DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
+from .io import CheckpointError, load, save
 from .layers import AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .losses import CrossEntropyLoss
+from .lr_scheduler import CosineAnnealingLR, LRScheduler, OneCycleLR, StepLR
 from .module import Module, Parameter, Sequential, ShapeError
+from .optim import SGD, Adam, AdamW, Optimizer
 from .testing import GradcheckError, gradcheck
 from .train import History, evaluate, fit
 

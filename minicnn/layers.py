@@ -23,6 +23,13 @@ def _uniform(shape, bound):
     return rng().uniform(-bound, bound, size=shape)
 
 
+def _column_sums(a):
+    """a (N, M) -> (M,) sums over rows, as a matrix-vector product: on BLAS that is several times
+    faster than a.sum(axis=0) for the tall matrices of a convolution's backward."""
+    xp = get_array_module(a)
+    return xp.ones(a.shape[0], dtype=a.dtype) @ a
+
+
 def check_input(layer, x, ndim, what):
     """Raise unless ``x`` is a floating array of rank ``ndim`` on the layer's device."""
     name = type(layer).__name__
@@ -101,7 +108,7 @@ class Conv2d(Module):
         dw = (dy2.T @ cols).reshape(self.out_channels, kh, kw, self.in_channels)
         self.weight.grad += dw.transpose(0, 3, 1, 2)
         if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
+            self.bias.grad += _column_sums(dy2)
         return ops.col2im(dy2 @ self._weight_matrix(), x_shape, *self.kernel_size, self.stride, self.padding)
 
     def _weight_matrix(self):
@@ -146,7 +153,7 @@ class Linear(Module):
         x = self._pop_cache()
         self.weight.grad += dy.T @ x
         if self.bias is not None:
-            self.bias.grad += dy.sum(axis=0)
+            self.bias.grad += _column_sums(dy)
         return dy @ self.weight.data
 
     def extra_repr(self):
