@@ -104,3 +104,19 @@ def test_fit_checks_its_arguments():
     with pytest.raises(ValueError, match="scheduler_interval"):
         minicnn.fit(model, minicnn.CrossEntropyLoss(), Adam(model.parameters()), loader,
                     scheduler_interval="step")
+
+
+def test_example_without_mnist_or_network_trains_on_the_sample(tmp_path, monkeypatch, capsys):
+    """No files anywhere and every mirror unreachable: a loud message, then the bundled sample."""
+    import runpy
+    monkeypatch.delenv("MINICNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(minicnn.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # discard port: refused
+    example = runpy.run_path(str(ROOT / "examples" / "mnist.py"))
+    history = example["main"](["--epochs", "1", "--no-progress", "--data-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "MNIST is not available" in captured.err and "bundled sample" in captured.err
+    assert "127.0.0.1:9" in captured.err
+    assert "5,000 training and 1,000 test images" in captured.out
+    assert history.epochs[0]["val_accuracy"] >= 0.85
+    assert not any((tmp_path / "cache").rglob("*.gz"))        # nothing half-downloaded left
