@@ -4,7 +4,8 @@
 
 One training step = forward, cross-entropy, backward, Adam(1e-3) update, fp32 on both sides, on
 the same random MNIST-shaped batch (the work does not depend on the values). Warm-up steps are
-excluded; each figure is the median over repeats of the mean step time of ``--steps`` steps.
+excluded; each figure is the median over repeats of the rate of ``--steps`` steps, minicnn and
+PyTorch taking turns.
 PyTorch runs with its default thread count; its row is left out when it is not installed.
 """
 import argparse
@@ -20,16 +21,20 @@ import minicnn  # noqa: E402
 from minicnn.models import mnist_cnn  # noqa: E402
 
 
-def median_images_per_s(step, batch, steps, repeats, warmup=3):
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+def median_images_per_s(steps_by_name, batch, steps, repeats, warmup=3):
+    """{name: step function} -> {name: median images/s}. The contenders take turns, repeat by
+    repeat, so a slow spell of the machine hits all of them rather than one."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
             step()
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    rates = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name].append(batch * steps / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def minicnn_step(x, y):
@@ -81,13 +86,15 @@ def main(argv=None):
     for batch in args.batch_sizes:
         x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
         y = rng.integers(0, 10, batch)
-        ours = median_images_per_s(minicnn_step(x, y), batch, args.steps, args.repeats)
-        if torch is None:
+        steps = {"minicnn": minicnn_step(x, y)}
+        if torch is not None:
+            steps["torch"] = torch_step(x, y)
+        rate = median_images_per_s(steps, batch, args.steps, args.repeats)
+        ours, theirs = rate["minicnn"], rate.get("torch")
+        if theirs is None:
             print(f"{batch:>6} {ours:>14,.0f} {'-':>14} {'-':>7}")
-            continue
-        theirs = median_images_per_s(torch_step(x, y), batch, args.steps, args.repeats)
-        print(f"{batch:>6} {ours:>14,.0f} {theirs:>14,.0f} {ours / theirs:>6.2f}x")
-
+        else:
+            print(f"{batch:>6} {ours:>14,.0f} {theirs:>14,.0f} {ours / theirs:>6.2f}x")
 
 if __name__ == "__main__":
     main()
