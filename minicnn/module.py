@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .backend import device, device_of, get_array_module, get_default_dtype, to_numpy
+from .backend import device, device_of, get_array_module, get_default_dtype, to_device, to_numpy
 
 
 class ShapeError(ValueError):
@@ -134,10 +134,10 @@ class Module:
 
     def to(self, dev):
         """Move every parameter (values and gradients) to ``dev``; returns self."""
-        xp = device(dev).xp
+        dev = device(dev)
         for p in self.parameters():
-            p.data = xp.asarray(p.data)
-            p.grad = xp.asarray(p.grad)
+            p.data = to_device(p.data, dev)
+            p.grad = to_device(p.grad, dev)
         return self
 
     @property

@@ -4,6 +4,10 @@ One function per operation, with the same semantics and layout on every backend,
 branch on the backend. The NumPy code here is also the reference the CUDA kernels are checked
 against. Shapes: B batch, C channels, H,W input size, OH,OW output size, K = C*kh*kw.
 
+Each op takes its backend from its input: NumPy arrays run the NumPy code below, CuPy arrays run
+the CUDA kernel named in the op's ``*_kernel`` function (``kernels/<file>.cu``), which computes the
+same values in the same layout (outputs C-contiguous; max-pool argmax as int32 there).
+
 Spatial positions are visited through strided window views (``sliding_window_view``), so there
 are Python loops over kernel offsets (kh*kw of them) but never over pixels. Arrays are NCHW by
 shape; the arrays these ops create are channels-last in memory (NCHW views of NHWC buffers),
@@ -11,6 +15,9 @@ because channels-last keeps the C values of a pixel together for im2col and the 
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from . import cuda
+from .backend import get_array_module
 
 
 def out_size(size, k, stride, pad):
@@ -65,6 +72,8 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
     Columns run over channels fastest because then each row is kh runs of kw*C neighbours in a
     channels-last input: the copy reads memory in order.
     """
+    if get_array_module(x) is not np:
+        return im2col_kernel(x, kh, kw, stride, pad)
     B, C = x.shape[:2]
     win = _windows(_pad(x, pad, 0), kh, kw, stride)          # B,C,OH,OW,kh,kw
     OH, OW = win.shape[2:4]
@@ -73,6 +82,8 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
 
 def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     """Adjoint of ``im2col``: cols (B*OH*OW, kh*kw*C) -> (B,C,H,W), overlapping windows add."""
+    if get_array_module(cols) is not np:
+        return col2im_kernel(cols, x_shape, kh, kw, stride, pad)
     B, C, H, W = x_shape
     OH, OW = out_size(H, kh, stride[0], pad[0]), out_size(W, kw, stride[1], pad[1])
     cols6 = cols.reshape(B, OH, OW, kh, kw, C).transpose(0, 5, 1, 2, 3, 4)   # B,C,OH,OW,kh,kw
@@ -86,6 +97,8 @@ def maxpool2d(x, kh, kw, stride, pad):
     its window, in the smallest unsigned type that holds kh*kw - 1 (uint8 for kernels up to 16x16).
     A running maximum over the kh*kw offsets: no window is ever copied.
     """
+    if get_array_module(x) is not np:
+        return maxpool2d_kernel(x, kh, kw, stride, pad)
     win = _windows(_pad(x, pad, -np.inf), kh, kw, stride)
     index_type = np.min_scalar_type(kh * kw - 1)
     y = np.copy(win[..., 0, 0], order="K")
@@ -104,6 +117,8 @@ def maxpool2d(x, kh, kw, stride, pad):
 
 def maxpool2d_backward(dy, argmax, x_shape, kh, kw, stride, pad):
     """Route each dy (B,C,OH,OW) to the input pixel that won its window -> dx (B,C,H,W)."""
+    if get_array_module(dy) is not np:
+        return maxpool2d_backward_kernel(dy, argmax, x_shape, kh, kw, stride, pad)
     return _add_windows(lambda i, j: dy * (argmax == i * kw + j), x_shape, kh, kw, stride, pad,
                         dy.dtype)
 
@@ -113,11 +128,80 @@ def avgpool2d(x, kh, kw, stride, pad):
 
     x (B,C,H,W) -> y (B,C,OH,OW).
     """
+    if get_array_module(x) is not np:
+        return avgpool2d_kernel(x, kh, kw, stride, pad)
     win = _windows(_pad(x, pad, 0), kh, kw, stride)
     return win.mean(axis=(4, 5), dtype=x.dtype)
 
 
 def avgpool2d_backward(dy, x_shape, kh, kw, stride, pad):
     """Spread each dy (B,C,OH,OW) evenly over its window -> dx (B,C,H,W)."""
+    if get_array_module(dy) is not np:
+        return avgpool2d_backward_kernel(dy, x_shape, kh, kw, stride, pad)
     share = dy / (kh * kw)
     return _add_windows(lambda i, j: share, x_shape, kh, kw, stride, pad, dy.dtype)
+
+
+# --- CUDA paths ----------------------------------------------------------------------------------
+# Each allocates its output on the input's device and launches one thread per output element of
+# the kernel named; ``launch`` is minicnn.cuda.launch on a GPU (the emulator's in the tests).
+
+def _geometry(x_shape, kh, kw, stride, pad):
+    """The int arguments every window kernel takes: B, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW."""
+    B, C, H, W = x_shape
+    OH, OW = out_size(H, kh, stride[0], pad[0]), out_size(W, kw, stride[1], pad[1])
+    return (B, C, H, W, kh, kw, stride[0], stride[1], pad[0], pad[1], OH, OW)
+
+
+def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), launch=None):
+    """im2col by kernels/im2col.cu: x (B,C,H,W) -> cols (B*OH*OW, kh*kw*C)."""
+    xp = get_array_module(x)
+    g = _geometry(x.shape, kh, kw, stride, pad)
+    B, C, OH, OW = g[0], g[1], g[10], g[11]
+    cols = xp.empty((B * OH * OW, kh * kw * C), dtype=x.dtype)
+    (launch or cuda.launch)("im2col.cu", "im2col", cols.size, x, cols, *g)
+    return cols
+
+
+def col2im_kernel(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), launch=None):
+    """col2im by kernels/im2col.cu, a gather: one thread per input pixel -> (B,C,H,W)."""
+    x = get_array_module(cols).empty(x_shape, dtype=cols.dtype)
+    (launch or cuda.launch)("im2col.cu", "col2im", x.size, cols, x,
+                            *_geometry(x_shape, kh, kw, stride, pad))
+    return x
+
+
+def maxpool2d_kernel(x, kh, kw, stride, pad, launch=None):
+    """Max pooling by kernels/pool.cu: x (B,C,H,W) -> y, argmax (B,C,OH,OW), argmax int32."""
+    xp = get_array_module(x)
+    g = _geometry(x.shape, kh, kw, stride, pad)
+    shape = x.shape[:2] + g[10:]
+    y, argmax = xp.empty(shape, dtype=x.dtype), xp.empty(shape, dtype=np.int32)
+    (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g)
+    return y, argmax
+
+
+def maxpool2d_backward_kernel(dy, argmax, x_shape, kh, kw, stride, pad, launch=None):
+    """Max-pool backward by kernels/pool.cu, a gather: one thread per input pixel -> dx."""
+    xp = get_array_module(dy)
+    dx = xp.empty(x_shape, dtype=dy.dtype)
+    (launch or cuda.launch)("pool.cu", "maxpool2d_backward", dx.size, dy,
+                            argmax.astype(np.int32, copy=False), dx,
+                            *_geometry(x_shape, kh, kw, stride, pad))
+    return dx
+
+
+def avgpool2d_kernel(x, kh, kw, stride, pad, launch=None):
+    """Average pooling by kernels/pool.cu: x (B,C,H,W) -> y (B,C,OH,OW)."""
+    g = _geometry(x.shape, kh, kw, stride, pad)
+    y = get_array_module(x).empty(x.shape[:2] + g[10:], dtype=x.dtype)
+    (launch or cuda.launch)("pool.cu", "avgpool2d_forward", y.size, x, y, *g)
+    return y
+
+
+def avgpool2d_backward_kernel(dy, x_shape, kh, kw, stride, pad, launch=None):
+    """Average-pool backward by kernels/pool.cu, a gather: one thread per input pixel -> dx."""
+    dx = get_array_module(dy).empty(x_shape, dtype=dy.dtype)
+    (launch or cuda.launch)("pool.cu", "avgpool2d_backward", dx.size, dy, dx,
+                            *_geometry(x_shape, kh, kw, stride, pad))
+    return dx

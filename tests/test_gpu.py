@@ -1,0 +1,129 @@
+"""CPU-vs-GPU parity: every layer, the loss, the optimizers and 20 training steps give the same
+numbers on both backends, and two GPU runs are bit-identical. Run with ``pytest -m gpu``.
+
+Tolerances (relative to the largest reference magnitude): float64 1e-12 for forward and backward
+of every layer; float32 1e-6 for pooling, ReLU, flatten and dropout (same operations, same order),
+5e-4 for convolution and linear layers (cuBLAS and OpenBLAS sum in different orders).
+"""
+import copy
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn import AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from minicnn.backend import cuda_unavailable_reason
+from minicnn.models import mnist_cnn
+
+from conftest import unique_values
+
+REASON = cuda_unavailable_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"no usable GPU: {REASON}")]
+
+LAYERS = [  # (factory, input shape, float32 tolerance)
+    (lambda: Conv2d(3, 8, 3), (2, 3, 9, 9), 5e-4),
+    (lambda: Conv2d(2, 5, (2, 3), stride=2, padding=1), (1, 2, 7, 8), 5e-4),
+    (lambda: Conv2d(4, 3, 3, stride=3, padding=2), (3, 4, 11, 10), 5e-4),
+    (lambda: MaxPool2d(2), (2, 3, 8, 7), 1e-6),
+    (lambda: MaxPool2d(3, stride=2, padding=1), (2, 2, 9, 11), 1e-6),
+    (lambda: AvgPool2d(3, stride=1, padding=1), (1, 3, 6, 5), 1e-6),
+    (lambda: AvgPool2d((2, 3), stride=(2, 1)), (2, 2, 7, 9), 1e-6),
+    (lambda: Linear(20, 7), (5, 20), 5e-4),
+    (lambda: ReLU(), (2, 3, 4, 5), 1e-6),
+    (lambda: Flatten(), (2, 3, 4, 5), 1e-6),
+    (lambda: Dropout(0.4), (4, 30), 1e-6),
+]
+
+
+def _close(gpu, cpu, rtol):
+    ref = np.asarray(cpu)
+    err = np.max(np.abs(minicnn.to_numpy(gpu) - ref)) / max(np.max(np.abs(ref)), 1e-30)
+    assert err <= rtol, f"max error {err:.3g} relative to the largest value exceeds {rtol}"
+
+
+def _run(layer, x, dy):
+    minicnn.seed(7)                       # dropout draws the same mask on both backends
+    y = layer(x)
+    return y, layer.backward(dy), [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("make,shape,tol32", LAYERS)
+def test_layer_parity(make, shape, tol32, dtype):
+    minicnn.set_default_dtype(dtype)
+    cpu_layer = make()
+    gpu_layer = copy.deepcopy(cpu_layer).to("cuda")
+    rng = np.random.default_rng(1)
+    x = unique_values(rng, shape).astype(dtype) - 0.5
+    dy = rng.standard_normal(cpu_layer.output_shape(shape)).astype(dtype)
+    y_cpu, dx_cpu, g_cpu = _run(cpu_layer, x, dy)
+    y_gpu, dx_gpu, g_gpu = _run(gpu_layer, minicnn.to_device(x, "cuda"), minicnn.to_device(dy, "cuda"))
+    tol = 1e-12 if dtype == np.float64 else tol32
+    _close(y_gpu, y_cpu, tol)
+    _close(dx_gpu, dx_cpu, tol)
+    for a, b in zip(g_gpu, g_cpu):
+        _close(a, b, tol)
+
+
+def test_non_contiguous_and_odd_inputs():
+    minicnn.set_default_dtype(np.float64)
+    conv = Conv2d(3, 4, 3, padding=1)
+    gconv = copy.deepcopy(conv).to("cuda")
+    x = np.random.default_rng(2).standard_normal((5, 7, 3, 1)).transpose(3, 2, 0, 1)   # (1,3,5,7)
+    _close(gconv(minicnn.to_device(x, "cuda")), conv(x), 1e-12)
+    pool, gx = MaxPool2d(3, stride=2), minicnn.to_device(x[:, :, ::-1, :], "cuda")
+    _close(pool(gx), pool(x[:, :, ::-1, :]), 1e-12)
+
+
+def _train(device, steps=20, dtype=np.float64):
+    minicnn.set_default_dtype(dtype)
+    minicnn.seed(3)
+    model = mnist_cnn().to(device)
+    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    loss_fn = minicnn.CrossEntropyLoss()
+    data = minicnn.mnist_sample(train=True)
+    loader = minicnn.DataLoader(data, batch_size=32, shuffle=True, device=device)
+    for step, (x, y) in enumerate(loader):
+        if step == steps:
+            break
+        loss_fn(model(x.astype(dtype)), y)
+        opt.zero_grad()
+        model.backward(loss_fn.backward())
+        opt.step()
+    return [minicnn.to_numpy(p.data) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-3)])
+def test_twenty_training_steps_match_the_cpu(dtype, tol):
+    for g, c in zip(_train("cuda", dtype=dtype), _train("cpu", dtype=dtype)):
+        _close(g, c, tol)
+
+
+def test_two_gpu_runs_are_bit_identical():
+    for a, b in zip(_train("cuda", dtype=np.float32), _train("cuda", dtype=np.float32)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_moving_keeps_values_and_optimizer_state_follows(tmp_path):
+    import cupy
+    model = mnist_cnn()
+    before = model.state_dict()
+    model.to("cuda").to("cpu")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+    model.to("cuda")
+    assert model.device == "cuda" and isinstance(model[0].weight.data, cupy.ndarray)
+    opt = minicnn.Adam(model.parameters())
+    x = minicnn.to_device(np.random.default_rng(4).standard_normal((4, 1, 28, 28)).astype(np.float32), "cuda")
+    loss_fn = minicnn.CrossEntropyLoss()
+    loss_fn(model(x), cupy.arange(4))
+    model.backward(loss_fn.backward())
+    opt.step()
+    assert isinstance(opt.state[0]["exp_avg"], cupy.ndarray)
+    minicnn.save(model, tmp_path / "gpu.npz", optimizer=opt)
+    cpu_model = mnist_cnn()
+    cpu_opt = minicnn.Adam(cpu_model.parameters())
+    minicnn.load(cpu_model, tmp_path / "gpu.npz", optimizer=cpu_opt)
+    for name, value in cpu_model.state_dict().items():
+        np.testing.assert_array_equal(value, minicnn.to_numpy(dict(model.named_parameters())[name].data))
+    np.testing.assert_array_equal(cpu_opt.state[0]["exp_avg"], opt.state[0]["exp_avg"].get())
