@@ -3,7 +3,8 @@
 Prints the versions of Python, NumPy and CuPy, the CUDA driver and runtime, the GPU and its
 compute capability, where kernel sources and compiled kernels live, and compiles every kernel
 file for every dtype (with CuPy on a GPU, else with nvcc when it is installed). Never fails on a
-machine without a GPU: it says what is missing and exits 0.
+machine without a GPU: it says what is missing and exits 0 (1 only when the kernel sources
+themselves are missing, a broken installation).
 """
 import os
 import platform
@@ -82,8 +83,9 @@ def main():
     try:
         _line("kernel sources", cuda.kernel_dir())
     except FileNotFoundError as e:
+        # A broken installation, not a missing GPU: the one case that fails.
         _line("kernel sources", f"MISSING: {e}")
-        return 0
+        return 1
     print("kernels:")
     nvcc = shutil.which("nvcc")
     if reason is None:

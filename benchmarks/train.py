@@ -1,0 +1,235 @@
+"""Training speed of the example MNIST network, minicnn beside PyTorch, on one device.
+
+    python benchmarks/train.py                          # CPU, batch 64 128 1024
+    python benchmarks/train.py --device cuda --json out.json
+    python benchmarks/train.py --layers                 # plus a per-layer forward/backward table
+
+One training step = forward, cross-entropy, backward, Adam(1e-3) update, on the same random
+MNIST-shaped batch for both frameworks (the work does not depend on the values), fp32 on both.
+On a GPU, PyTorch runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate row);
+the timer synchronises the device before reading the clock. Warm-up steps are excluded; each
+figure is the median over ``--repeats`` of the rate of ``--steps`` steps, the frameworks taking
+turns so that a slow spell of the machine hits all of them.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minicnn  # noqa: E402
+from minicnn.models import mnist_cnn  # noqa: E402
+
+
+def _synchronizer(device):
+    """A function that waits for all queued device work (a no-op on the CPU)."""
+    if device != "cuda":
+        return lambda: None
+    import cupy
+    waits = [cupy.cuda.Device().synchronize]
+    try:
+        import torch
+        if torch.cuda.is_available():
+            waits.append(torch.cuda.synchronize)
+    except ImportError:
+        pass
+    return lambda: [w() for w in waits]
+
+
+def median_rates(steps_by_name, batch, steps, repeats, sync, warmup=3):
+    """{name: step function} -> {name: median images/s}; contenders take turns per repeat."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    sync()
+    rates = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            rates[name].append(batch * steps / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def minicnn_model(device):
+    return mnist_cnn().to(device)
+
+
+def minicnn_step(x, y, device):
+    model = minicnn_model(device)
+    loss_fn = minicnn.CrossEntropyLoss()
+    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    x, y = minicnn.to_device(x, device), minicnn.to_device(y, device)
+
+    def step():
+        loss_fn(model(x), y)
+        opt.zero_grad()
+        model.backward(loss_fn.backward())
+        opt.step()
+    return step
+
+
+def torch_model(device):
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+
+
+def torch_step(x, y, device, tf32=False):
+    import torch
+    model = torch_model(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+    def step():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        opt.zero_grad()
+        loss_fn(model(xt), yt).backward()
+        opt.step()
+    return step
+
+
+def layer_times(batch, device, sync, repeats):
+    """Per-layer (name, minicnn fwd ms, minicnn bwd ms, torch fwd ms, torch bwd ms); medians."""
+    rng = np.random.default_rng(0)
+    ours = list(minicnn_model(device))
+    try:
+        import torch
+        theirs = list(torch_model(device))
+    except ImportError:
+        theirs = [None] * len(ours)
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    rows, shape = [], (batch, 1, 28, 28)
+    for layer, tlayer in zip(ours, theirs):
+        x_host = rng.standard_normal(shape).astype(np.float32)
+        out_shape = layer.output_shape(shape)
+        dy_host = rng.standard_normal(out_shape).astype(np.float32)
+        x, dy = minicnn.to_device(x_host, device), minicnn.to_device(dy_host, device)
+        fwd = median_ms(lambda: layer(x))
+
+        def fwd_bwd():
+            layer(x)
+            layer.backward(dy)
+        bwd = max(median_ms(fwd_bwd) - fwd, 0.0)
+        row = [f"{type(layer).__name__}{tuple(out_shape[1:])}", fwd, bwd, None, None]
+        if tlayer is not None:
+            xt = torch.from_numpy(x_host).to(device).requires_grad_()
+            dyt = torch.from_numpy(dy_host).to(device)
+            row[3] = median_ms(lambda: tlayer(xt))
+            row[4] = max(median_ms(lambda: tlayer(xt).backward(dyt)) - row[3], 0.0)
+        rows.append(row)
+        shape = out_shape
+    return rows
+
+
+def environment(device):
+    env = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "python": platform.python_version(),
+           "numpy": np.__version__, "minicnn": minicnn.__version__, "device": device}
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        env["torch"] = None
+    if device == "cuda":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        env["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        env["cupy"] = cupy.__version__
+        env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 1024])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", action="store_true", help="also time each layer at the first batch size")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    device = minicnn.device(args.device).type
+    sync = _synchronizer(device)
+    try:
+        if args.no_torch:
+            raise ImportError("--no-torch")
+        import torch  # noqa: F401
+        have_torch = device == "cpu" or torch.cuda.is_available()
+    except ImportError:
+        have_torch = False
+    env = environment(device)
+    print(", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"training step of the example network, fp32, Adam; median of {args.repeats} x "
+          f"{args.steps} steps")
+    print(f"{'batch':>6} {'minicnn img/s':>14} {'PyTorch img/s':>14} {'ratio':>7}"
+          + (f" {'PyTorch TF32':>13} {'ratio':>7}" if device == "cuda" and have_torch else ""))
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in args.batch_sizes:
+        x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, batch)
+        steps = {"minicnn": minicnn_step(x, y, device)}
+        if have_torch:
+            steps["torch"] = torch_step(x, y, device)
+            if device == "cuda":
+                steps["torch_tf32"] = torch_step(x, y, device, tf32=True)
+        rate = median_rates(steps, batch, args.steps, args.repeats, sync)
+        results.append({"batch": batch, **{f"{k}_images_per_s": v for k, v in rate.items()}})
+        line = f"{batch:>6} {rate['minicnn']:>14,.0f}"
+        if have_torch:
+            line += f" {rate['torch']:>14,.0f} {rate['minicnn'] / rate['torch']:>6.2f}x"
+            if "torch_tf32" in rate:
+                line += f" {rate['torch_tf32']:>13,.0f} {rate['minicnn'] / rate['torch_tf32']:>6.2f}x"
+        else:
+            line += f" {'-':>14} {'-':>7}"
+        print(line, flush=True)
+
+    layers = None
+    if args.layers:
+        batch = args.batch_sizes[0]
+        layers = layer_times(batch, device, sync, max(args.repeats, 5) * 3)
+        print(f"\nper layer at batch {batch}, milliseconds (median; backward = forward+backward "
+              "minus forward)")
+        print(f"{'layer':<28} {'minicnn fwd':>11} {'bwd':>7} {'PyTorch fwd':>11} {'bwd':>7}")
+        for name, f, b, tf, tb in layers:
+            torch_cols = f"{tf:>11.3f} {tb:>7.3f}" if tf is not None else f"{'-':>11} {'-':>7}"
+            print(f"{name:<28} {f:>11.3f} {b:>7.3f} {torch_cols}")
+    if args.json:
+        report = {"environment": env, "training": results,
+                  "layers": [dict(zip(("layer", "minicnn_fwd_ms", "minicnn_bwd_ms", "torch_fwd_ms",
+                                       "torch_bwd_ms"), row)) for row in layers or []]}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
