@@ -72,7 +72,7 @@ def minicnn_step(x, y, device):
     def step():
         loss_fn(model(x), y)
         opt.zero_grad()
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)   # the data needs no gradient
         opt.step()
     return step
 

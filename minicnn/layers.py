@@ -101,7 +101,7 @@ class Conv2d(Module):
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         cols, x_shape = self._pop_cache()
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
         kh, kw = self.kernel_size
@@ -109,7 +109,10 @@ class Conv2d(Module):
         self.weight.grad += dw.transpose(0, 3, 1, 2)
         if self.bias is not None:
             self.bias.grad += _column_sums(dy2)
-        return ops.col2im(dy2 @ self._weight_matrix(), x_shape, *self.kernel_size, self.stride, self.padding)
+        if not input_grad:
+            return None
+        return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *self.kernel_size,
+                                 self.stride, self.padding)
 
     def _weight_matrix(self):
         """weight (O,C,kh,kw) as (O, kh*kw*C), matching im2col's (i, j, c) column order."""
@@ -149,12 +152,12 @@ class Linear(Module):
             self._cache = x
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         x = self._pop_cache()
         self.weight.grad += dy.T @ x
         if self.bias is not None:
             self.bias.grad += _column_sums(dy)
-        return dy @ self.weight.data
+        return dy @ self.weight.data if input_grad else None
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -196,7 +199,7 @@ class MaxPool2d(_Pool2d):
             self._cache = (argmax, x.shape)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         argmax, x_shape = self._pop_cache()
         return ops.maxpool2d_backward(dy, argmax, x_shape, *self.kernel_size, self.stride,
                                       self.padding)
@@ -215,7 +218,7 @@ class AvgPool2d(_Pool2d):
             self._cache = x.shape
         return ops.avgpool2d(x, *self.kernel_size, self.stride, self.padding)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return ops.avgpool2d_backward(dy, self._pop_cache(), *self.kernel_size, self.stride,
                                       self.padding)
 
@@ -230,7 +233,7 @@ class ReLU(Module):
             self._cache = y > 0
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return dy * self._pop_cache()
 
 
@@ -254,7 +257,7 @@ class Flatten(Module):
             self._cache = x.shape
         return x.reshape(self.output_shape(x.shape))
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return dy.reshape(self._pop_cache())
 
     def extra_repr(self):
@@ -283,7 +286,7 @@ class Dropout(Module):
         self._cache = mask
         return x * mask
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         if not self.training or self.p == 0:
             return dy
         return dy * self._pop_cache()

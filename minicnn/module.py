@@ -2,8 +2,10 @@
 
 Contract (no autograd anywhere):
 - ``forward(x)`` computes the output and, in training mode only, caches what backward needs;
-- ``backward(dy) -> dx`` returns the gradient w.r.t. the input, *adds* each parameter gradient
-  into ``Parameter.grad`` and never mutates ``dy``;
+- ``backward(dy, input_grad=True) -> dx`` returns the gradient w.r.t. the input, *adds* each
+  parameter gradient into ``Parameter.grad`` and never mutates ``dy``. ``input_grad=False`` says
+  the caller has no use for dx (the input is data, as when PyTorch's input does not require a
+  gradient): a layer with parameters then skips that work and returns None;
 - ``output_shape(in_shape)`` is the shape check: it names the layer, what it expected and what
   came, and is what ``summary`` prints.
 """
@@ -73,7 +75,7 @@ class Module:
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
     def _pop_cache(self):
@@ -235,9 +237,16 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self._layers()):
-            dy = layer.backward(dy)
+    def backward(self, dy, input_grad=True):
+        layers = self._layers()
+        first = 0
+        if not input_grad:
+            # Without dx wanted, the layers before the first one with parameters need no backward.
+            first = next((i for i, m in enumerate(layers) if m.parameters()), len(layers))
+            for layer in layers[:first]:
+                layer._cache = None
+        for i in range(len(layers) - 1, first - 1, -1):
+            dy = layers[i].backward(dy, input_grad=input_grad or i > first)
         return dy
 
     def output_shape(self, in_shape):

@@ -90,6 +90,27 @@ def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     return _add_windows(lambda i, j: cols6[..., i, j], x_shape, kh, kw, stride, pad, cols.dtype)
 
 
+def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
+    """``col2im(dy2 @ w, ...)``, a convolution's input gradient, without the (B*OH*OW, K) product.
+
+    dy2 (B*OH*OW, O), w (O, kh*kw*C) -> dx (B,C,H,W). On the CPU each kernel offset takes its C
+    columns of the product, (B*OH*OW, C), and adds them onto the input at once: per offset one
+    matrix product and one strided add whose rows are OW*C long. On the GPU: one product, then the
+    col2im gather kernel.
+    """
+    if get_array_module(dy2) is not np:
+        return col2im_kernel(dy2 @ w, x_shape, kh, kw, stride, pad)
+    B, C = x_shape[:2]
+    OH, OW = out_size(x_shape[2], kh, stride[0], pad[0]), out_size(x_shape[3], kw, stride[1], pad[1])
+    part = np.empty((B, OH, OW, C), dtype=dy2.dtype)
+
+    def piece(i, j):
+        k = (i * kw + j) * C
+        np.matmul(dy2, w[:, k:k + C], out=part.reshape(-1, C))
+        return part.transpose(0, 3, 1, 2)
+    return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype)
+
+
 def maxpool2d(x, kh, kw, stride, pad):
     """Max over each window; padding is -inf so it never wins; the first maximum wins ties.
 
@@ -119,6 +140,11 @@ def maxpool2d_backward(dy, argmax, x_shape, kh, kw, stride, pad):
     """Route each dy (B,C,OH,OW) to the input pixel that won its window -> dx (B,C,H,W)."""
     if get_array_module(dy) is not np:
         return maxpool2d_backward_kernel(dy, argmax, x_shape, kh, kw, stride, pad)
+    like_argmax = np.empty_like(argmax, dtype=dy.dtype)
+    if like_argmax.strides != dy.strides:
+        # Elementwise work over arrays of different memory orders crawls: match argmax's first.
+        like_argmax[...] = dy
+        dy = like_argmax
     return _add_windows(lambda i, j: dy * (argmax == i * kw + j), x_shape, kh, kw, stride, pad,
                         dy.dtype)
 

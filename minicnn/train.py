@@ -119,7 +119,7 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad()
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(), input_grad=False)
             optimizer.step()
             if scheduler is not None and scheduler_interval == "batch":
                 scheduler.step()

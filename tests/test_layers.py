@@ -203,3 +203,36 @@ def test_bad_arguments_are_refused():
         Linear(2, 2)(np.ones((1, 2), dtype=np.int64))
     with pytest.raises(TypeError, match="expected an array"):
         Linear(2, 2)([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,bhw", CONV_CASES)
+def test_col2im_matmul_is_col2im_of_the_product(float64, cin, cout, k, s, p, bhw):
+    """The CPU's fused input gradient equals col2im of the product (float64, to 1e-13: BLAS may
+    round a product of a column slice differently from the full product)."""
+    from minicnn import ops
+    kh, kw = _pair(k)
+    x_shape = (bhw[0], cin) + bhw[1:]
+    oh = ops.out_size(x_shape[2], kh, _pair(s)[0], _pair(p)[0])
+    ow = ops.out_size(x_shape[3], kw, _pair(s)[1], _pair(p)[1])
+    rng = np.random.default_rng(15)
+    dy2 = rng.standard_normal((bhw[0] * oh * ow, cout))
+    w = rng.standard_normal((cout, kh * kw * cin))
+    np.testing.assert_allclose(ops.col2im_matmul(dy2, w, x_shape, kh, kw, _pair(s), _pair(p)),
+                               ops.col2im(dy2 @ w, x_shape, kh, kw, _pair(s), _pair(p)),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_maxpool_backward_with_gradients_in_another_memory_order(float64):
+    """dy in NCHW order while the pooled input (and so argmax) is channels-last."""
+    rng = np.random.default_rng(16)
+    x = np.ascontiguousarray(unique_values(rng, (2, 6, 6, 3))).transpose(0, 3, 1, 2)
+    pool = MaxPool2d(2)
+    y = pool(x)
+    dy = rng.standard_normal(y.shape)
+    dx = pool.backward(dy)
+    ref = np.zeros_like(x)
+    for b, c, i, j in np.ndindex(y.shape):
+        win = x[b, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+        a, bb = np.unravel_index(np.argmax(win), win.shape)
+        ref[b, c, 2 * i + a, 2 * j + bb] += dy[b, c, i, j]
+    np.testing.assert_array_equal(dx, ref)

@@ -151,3 +151,20 @@ def test_auto_falls_back_to_cpu_and_says_why_once(monkeypatch, capsys):
     assert minicnn.device("auto") == "cpu"
     out = capsys.readouterr().out
     assert out.count("device 'auto' chose cpu (no GPU here)") == 1
+
+
+def test_backward_without_input_grad_skips_dx_but_not_parameter_grads():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+    model = Sequential(MaxPool2d(2), Conv2d(1, 2, 3), ReLU(), minicnn.Flatten(), Linear(8, 3))
+    dy = rng.standard_normal((3, 3)).astype(np.float32)
+    model(x)
+    dx = model.backward(dy)
+    grads = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    model(x)
+    assert model.backward(dy, input_grad=False) is None
+    for p, g in zip(model.parameters(), grads):
+        np.testing.assert_array_equal(p.grad, g)
+    assert dx.shape == x.shape
+    assert model[0]._cache is None          # the pooling before the first conv was not run back
