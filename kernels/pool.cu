@@ -1,0 +1,147 @@
+// pool.cu -- 2-D max and average pooling, forward and backward.
+//
+// Compiled once per dtype with -Dscalar_t=float|double (element type) -Dacc_t=float|double (sums).
+// Reference: maxpool2d, maxpool2d_backward, avgpool2d, avgpool2d_backward in minicnn/ops.py.
+//
+// Shapes (all arrays C-contiguous):
+//   x, dx         (B, C, H, W)      input and its gradient
+//   y, dy, argmax (B, C, OH, OW)    output, its gradient, and (max) the winner of each window
+//   OH = (H + 2*ph - kh) / sh + 1,  OW = (W + 2*pw - kw) / sw + 1   (computed by the caller)
+// Window (oh, ow) covers input rows oh*sh - ph + i, i < kh, and columns ow*sw - pw + j, j < kw;
+// (i, j) is the kernel offset, numbered k = i*kw + j.
+//
+// Forward kernels: one thread per output element, idx = ((b*C + c)*OH + oh)*OW + ow.
+//   maxpool2d_forward: y = the largest value of the window, argmax = its offset k (int32).
+//     Padding positions are skipped (never compared), so padding never wins. Offsets are scanned
+//     in ascending k and only a strictly greater value replaces the best, so the first maximum
+//     wins ties; a NaN becomes y but does not move argmax. This matches the NumPy running max.
+//     (The caller keeps ph <= kh/2 and pw <= kw/2, so every window holds a real value.)
+//   avgpool2d_forward: y = sum of the window over the zero-padded input / (kh*kw)
+//     (padding counts: count_include_pad=True).
+// Backward kernels: gathers, one thread per input element, idx = ((b*C + c)*H + h)*W + w. The
+//   thread visits every window that covers its pixel, offsets (i, j) ascending, and adds
+//   (from 0) what that window sends back:
+//   maxpool2d_backward: dy of the window if the window's argmax is the pixel's offset in it;
+//   avgpool2d_backward: dy of the window / (kh*kw).
+//   No atomicAdd: each dx element is written by one thread, in a fixed order, so the results are
+//   deterministic and bit-identical to the NumPy ops, which add offset by offset in this order.
+// All kernels loop grid-stride over a 64-bit flat index, so a grid of any size covers everything.
+
+extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
+                                             scalar_t* __restrict__ y, int* __restrict__ argmax,
+                                             int B, int C, int H, int W, int kh, int kw,
+                                             int sh, int sw, int ph, int pw, int OH, int OW) {
+    const long long total = (long long)B * C * OH * OW;               // elements of y
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        // idx -> (bc, oh, ow) with bc = b*C + c
+        const int ow = (int)(idx % OW);
+        const int oh = (int)(idx / OW % OH);
+        const long long bc = idx / ((long long)OH * OW);
+        const scalar_t* plane = x + bc * H * W;                       // x[b, c], (H, W)
+        scalar_t best = 0;
+        int arg = -1;                                                 // -1: no value seen yet
+        for (int i = 0; i < kh; ++i) {
+            const int h = oh * sh - ph + i;
+            if (h < 0 || h >= H) continue;                            // padding row
+            for (int j = 0; j < kw; ++j) {
+                const int w = ow * sw - pw + j;
+                if (w < 0 || w >= W) continue;                        // padding column
+                const scalar_t v = plane[(long long)h * W + w];
+                if (arg < 0 || v > best) {        // strictly greater: the first maximum wins
+                    best = v;
+                    arg = i * kw + j;
+                } else if (v != v) {              // NaN: propagates into y, argmax stays
+                    best = v;
+                }
+            }
+        }
+        y[idx] = best;
+        argmax[idx] = arg < 0 ? 0 : arg;
+    }
+}
+
+extern "C" __global__ void maxpool2d_backward(const scalar_t* __restrict__ dy,
+                                              const int* __restrict__ argmax,
+                                              scalar_t* __restrict__ dx,
+                                              int B, int C, int H, int W, int kh, int kw,
+                                              int sh, int sw, int ph, int pw, int OH, int OW) {
+    const long long total = (long long)B * C * H * W;                 // elements of dx
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        // idx -> (bc, h, w) with bc = b*C + c
+        const int w = (int)(idx % W);
+        const int h = (int)(idx / W % H);
+        const long long bc = idx / ((long long)H * W);
+        const long long plane = bc * OH * OW;                         // dy[b, c], argmax[b, c]
+        acc_t sum = 0;
+        for (int i = 0; i < kh; ++i) {
+            const int hs = h + ph - i;                                // = oh*sh if row i of
+            if (hs < 0 || hs % sh != 0 || hs / sh >= OH) continue;    // window row oh is h
+            const int oh = hs / sh;
+            for (int j = 0; j < kw; ++j) {
+                const int ws = w + pw - j;                            // = ow*sw
+                if (ws < 0 || ws % sw != 0 || ws / sw >= OW) continue;
+                const int ow = ws / sw;
+                const long long o = plane + (long long)oh * OW + ow;      // window (oh, ow)
+                if (argmax[o] == i * kw + j) sum += dy[o];            // this pixel won window o
+            }
+        }
+        dx[idx] = (scalar_t)sum;
+    }
+}
+
+extern "C" __global__ void avgpool2d_forward(const scalar_t* __restrict__ x,
+                                             scalar_t* __restrict__ y,
+                                             int B, int C, int H, int W, int kh, int kw,
+                                             int sh, int sw, int ph, int pw, int OH, int OW) {
+    const long long total = (long long)B * C * OH * OW;               // elements of y
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        // idx -> (bc, oh, ow) with bc = b*C + c
+        const int ow = (int)(idx % OW);
+        const int oh = (int)(idx / OW % OH);
+        const long long bc = idx / ((long long)OH * OW);
+        const scalar_t* plane = x + bc * H * W;                       // x[b, c], (H, W)
+        acc_t sum = 0;                                                // padding adds 0
+        for (int i = 0; i < kh; ++i) {
+            const int h = oh * sh - ph + i;
+            if (h < 0 || h >= H) continue;
+            for (int j = 0; j < kw; ++j) {
+                const int w = ow * sw - pw + j;
+                if (w < 0 || w >= W) continue;
+                sum += plane[(long long)h * W + w];
+            }
+        }
+        y[idx] = (scalar_t)(sum / (acc_t)(kh * kw));                 // padding counted
+    }
+}
+
+extern "C" __global__ void avgpool2d_backward(const scalar_t* __restrict__ dy,
+                                              scalar_t* __restrict__ dx,
+                                              int B, int C, int H, int W, int kh, int kw,
+                                              int sh, int sw, int ph, int pw, int OH, int OW) {
+    const long long total = (long long)B * C * H * W;                 // elements of dx
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        // idx -> (bc, h, w) with bc = b*C + c
+        const int w = (int)(idx % W);
+        const int h = (int)(idx / W % H);
+        const long long bc = idx / ((long long)H * W);
+        const long long plane = bc * OH * OW;                         // dy[b, c]
+        const acc_t n = (acc_t)(kh * kw);
+        acc_t sum = 0;
+        for (int i = 0; i < kh; ++i) {
+            const int hs = h + ph - i;                                // = oh*sh if row i of
+            if (hs < 0 || hs % sh != 0 || hs / sh >= OH) continue;    // window row oh is h
+            const int oh = hs / sh;
+            for (int j = 0; j < kw; ++j) {
+                const int ws = w + pw - j;                            // = ow*sw
+                if (ws < 0 || ws % sw != 0 || ws / sw >= OW) continue;
+                const int ow = ws / sw;
+                sum += (acc_t)dy[plane + (long long)oh * OW + ow] / n;    // its share
+            }
+        }
+        dx[idx] = (scalar_t)sum;
+    }
+}
