@@ -54,11 +54,15 @@ def kernel_files():
     return sorted(kernel_dir().glob("*.cu"))
 
 
+def kernel_path(file):
+    """Path of kernel file ``file``: a name such as "im2col.cu" (in ``kernel_dir()``) or a path."""
+    return Path(file) if os.sep in str(file) else kernel_dir() / file
+
+
 @lru_cache(maxsize=None)
 def read_source(file):
     """Text of kernel file ``file`` (a name such as "im2col.cu", or a path)."""
-    path = Path(file) if os.sep in str(file) else kernel_dir() / file
-    return path.read_text()
+    return kernel_path(file).read_text()
 
 
 def compile_options(dtype):

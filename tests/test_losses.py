@@ -3,7 +3,6 @@ differences."""
 import numpy as np
 import pytest
 
-import minicnn
 from minicnn import CrossEntropyLoss, ShapeError
 
 

@@ -146,11 +146,6 @@ def wrapper_source(signatures):
     return "\n".join(out)
 
 
-def _kernel_path(file):
-    """The path of kernel file ``file``, resolved as ``minicnn.cuda.read_source`` does."""
-    return Path(file) if os.sep in str(file) else cuda.kernel_dir() / file
-
-
 @lru_cache(maxsize=None)
 def _load(library):
     return ctypes.CDLL(str(library))
@@ -161,7 +156,7 @@ def build(file, dtype):
     reason = unavailable_reason()
     if reason:
         raise EmulatorUnavailable(f"minicnn emulator: {reason}")
-    path = _kernel_path(file).resolve()
+    path = cuda.kernel_path(file).resolve()
     source = path.read_text()
     options = cuda.compile_options(dtype)
     wrappers = wrapper_source(cuda.parse_signatures(source))
@@ -200,7 +195,7 @@ class EmulatedModule:
     def __init__(self, file, dtype, reverse=False):
         self.file, self.dtype, self.reverse = str(file), np.dtype(dtype), reverse
         self.library = build(file, dtype)
-        self.signatures = cuda.parse_signatures(_kernel_path(file).read_text())
+        self.signatures = cuda.parse_signatures(cuda.kernel_path(file).read_text())
         self._lib = _load(self.library)
 
     def get_function(self, name):
