@@ -19,6 +19,10 @@ from .train import History, evaluate, fit
 
 __version__ = "0.1.0"
 
+from .backend import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+_keep_freed_memory()
+
 __all__ = [
     "Device",
     "DeviceError",

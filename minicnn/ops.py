@@ -57,10 +57,19 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype):
     B, C, H, W = x_shape
     (sh, sw), (ph, pw) = stride, pad
     OH, OW = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
-    dxp = _channels_last_zeros(B, C, H + 2 * ph, W + 2 * pw, dtype)
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    overlap = sh < kh or sw < kw
+    # Windows that tile the input exactly write every pixel once: no zeros needed underneath.
+    tiles = (sh, sw) == (kh, kw) and (Hp, Wp) == (sh * OH, sw * OW)
+    dxp = np.empty((B, Hp, Wp, C), dtype).transpose(0, 3, 1, 2) if tiles else \
+        _channels_last_zeros(B, C, Hp, Wp, dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw] += piece(i, j)
+            dst = dxp[:, :, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw]
+            if overlap:
+                dst += piece(i, j)
+            else:
+                dst[...] = piece(i, j)     # one window per pixel: nothing to add to
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 

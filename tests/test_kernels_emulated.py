@@ -10,7 +10,7 @@ contiguity checks, grid size) and compared with its reference in ``minicnn/ops.p
   kernel, leaving pixels in no window), padding 0-2 (pooling: at most kernel/2; im2col also
   windows wholly in the padding), element counts that are not multiples of 256 and up to ~65
   blocks of 256 threads; one im2col input is a non-contiguous view (the launcher copies it).
-- Bit-identical to NumPy in both dtypes for everything but avgpool2d_forward, whose NumPy mean
+- Bit-identical to NumPy (up to the sign of zero) in both dtypes for everything but avgpool2d_forward, whose NumPy mean
   sums in its own order: there within 1e-12 (float64) / 1e-6 (float32) of |y|.
 - The grid-stride loops: every kernel with the grid capped at 2 blocks (MAX_BLOCKS = 2).
 - Order independence: every kernel with its threads run last to first gives the same bits.
@@ -114,11 +114,14 @@ def assert_written(out, what):
 
 
 def assert_same_bits(got, want, what):
-    """got == want bit for bit (so -0.0 != 0.0), with the first difference named."""
+    """got == want bit for bit, with the first difference named. Zeros count as equal whatever
+    their sign: where windows do not overlap, NumPy's backward writes dy * 0 (which is -0.0 for a
+    negative dy) while a gather kernel adds nothing onto +0.0."""
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
     bits = np.dtype(f"u{got.dtype.itemsize}")
-    g, w = np.ascontiguousarray(got), np.ascontiguousarray(want)
+    unsigned_zero = (lambda a: a + 0) if got.dtype.kind == "f" else (lambda a: a)   # -0.0 + 0 = +0.0
+    g, w = (np.ascontiguousarray(unsigned_zero(a)) for a in (got, want))
     differ = g.view(bits) != w.view(bits)
     if differ.any():
         at = tuple(np.argwhere(differ)[0])
