@@ -168,3 +168,34 @@ def test_backward_without_input_grad_skips_dx_but_not_parameter_grads():
         np.testing.assert_array_equal(p.grad, g)
     assert dx.shape == x.shape
     assert model[0]._cache is None          # the pooling before the first conv was not run back
+
+
+def test_training_steps_reuse_host_memory():
+    """A step's large temporaries come back from the allocator, not as fresh pages from the OS:
+    before minicnn kept freed memory, each step at batch 128 cost ~4,900 page faults (a third of
+    its time on a 2-core machine); with it, ~0."""
+    import resource
+    if not minicnn.backend.keep_freed_memory():
+        pytest.skip("not Linux with glibc: the allocator setting does not apply")
+    model, loss_fn = mnist_cnn(), minicnn.CrossEntropyLoss()
+    opt = minicnn.Adam(model.parameters())
+    x = np.random.default_rng(5).standard_normal((128, 1, 28, 28)).astype(np.float32)
+    y = np.arange(128) % 10
+
+    def step():
+        loss_fn(model(x), y)
+        opt.zero_grad()
+        model.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+    for _ in range(3):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    assert per_step < 200, f"{per_step:.0f} page faults per step"
+
+
+def test_keep_freed_memory_can_be_refused(monkeypatch):
+    monkeypatch.setenv("MINICNN_KEEP_FREED_MEMORY", "0")
+    assert minicnn.backend.keep_freed_memory() is False
