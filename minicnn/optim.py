@@ -5,14 +5,14 @@ Every update runs in place on the parameter's own arrays, NumPy or CuPy, through
 array per parameter, so a step allocates nothing after the first and never waits on the device.
 Hyper-parameters are plain attributes (``opt.lr``, ``opt.momentum``, ``opt.betas``) that
 schedulers change between steps; per-parameter buffers live in ``opt.state[i]`` and are made on
-the first step, on the parameter's device. Create the optimizer after moving the model.
+the first step, on the parameter's device, and follow the parameters when the model moves.
 """
 import math
 import numbers
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import device_of, get_array_module, to_device, to_numpy
 from .module import Module, Parameter
 
 
@@ -52,9 +52,18 @@ class Optimizer:
     def _trainable(self):
         return ((i, p) for i, p in enumerate(self.params) if p.requires_grad)
 
+    def _buffer(self, i, name):
+        """State buffer ``name`` of parameter ``i`` or None, on the parameter's device: a model
+        moved after the optimizer was made takes its optimizer state along."""
+        buf = self.state[i].get(name)
+        data = self.params[i].data
+        if buf is not None and get_array_module(buf) is not get_array_module(data):
+            buf = self.state[i][name] = to_device(buf, device_of(data))
+        return buf
+
     def _zeros(self, i, name):
         """State buffer ``name`` of parameter ``i``, made as zeros on its device when first used."""
-        buf = self.state[i].get(name)
+        buf = self._buffer(i, name)
         if buf is None:
             data = self.params[i].data
             buf = self.state[i][name] = get_array_module(data).zeros_like(data)
@@ -63,8 +72,8 @@ class Optimizer:
     def _tmp(self, i, k=0):
         """Scratch array ``k`` shaped like parameter ``i``, kept between steps (never saved)."""
         buf = self._scratch.get((i, k))
-        if buf is None:
-            data = self.params[i].data
+        data = self.params[i].data
+        if buf is None or get_array_module(buf) is not get_array_module(data):
             buf = self._scratch[i, k] = get_array_module(data).empty_like(data)
         return buf
 
@@ -186,7 +195,7 @@ class SGD(Optimizer):
                 tmp += d
                 d = tmp
             if mu:
-                buf = self.state[i].get("momentum_buffer")
+                buf = self._buffer(i, "momentum_buffer")
                 if buf is None:
                     buf = self.state[i]["momentum_buffer"] = d.copy()
                 else:

@@ -127,3 +127,29 @@ def test_moving_keeps_values_and_optimizer_state_follows(tmp_path):
     for name, value in cpu_model.state_dict().items():
         np.testing.assert_array_equal(value, minicnn.to_numpy(dict(model.named_parameters())[name].data))
     np.testing.assert_array_equal(cpu_opt.state[0]["exp_avg"], opt.state[0]["exp_avg"].get())
+
+
+def test_optimizer_state_follows_a_model_moved_after_it_was_made():
+    import cupy
+    minicnn.set_default_dtype(np.float64)
+    x = np.random.default_rng(5).standard_normal((4, 1, 28, 28))
+    y = np.arange(4)
+    runs = []
+    for move in (False, True):
+        minicnn.seed(2)
+        model = mnist_cnn()
+        opt = minicnn.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss_fn = minicnn.CrossEntropyLoss()
+        for step in range(3):
+            if move and step == 1:
+                model.to("cuda")
+            dev = model.device
+            loss_fn(model(minicnn.to_device(x, dev)), minicnn.to_device(y, dev))
+            opt.zero_grad()
+            model.backward(loss_fn.backward())
+            opt.step()
+        if move:
+            assert isinstance(opt.state[0]["momentum_buffer"], cupy.ndarray)
+        runs.append([minicnn.to_numpy(p.data) for p in model.parameters()])
+    for a, b in zip(*runs):
+        _close(a, b, 1e-12)
