@@ -6,6 +6,7 @@ pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``,
 """
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
                       set_default_dtype, to_device, to_numpy)
+from .cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
                    DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
 from .io import CheckpointError, load, save
@@ -24,6 +25,10 @@ from .backend import keep_freed_memory as _keep_freed_memory  # noqa: E402
 _keep_freed_memory()
 
 __all__ = [
+    "CIFAR10",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFARFormatError",
     "Device",
     "DeviceError",
     "device",
