@@ -293,3 +293,85 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class Identity(Module):
+    """y = x; dx = dy. A placeholder where a model has no layer (ResNet's CIFAR stem has no
+    max pooling). Arguments are accepted and ignored, as in PyTorch."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy, input_grad=True):
+        return dy if input_grad else None
+
+
+class AdaptiveAvgPool2d(Module):
+    """Average pooling to a fixed output size, whatever the input's: (B,C,H,W) -> (B,C,OH,OW).
+
+    ``output_size`` is an int or a pair (None in a pair keeps that input dimension). Output cell i
+    averages input rows floor(i*H/OH) .. ceil((i+1)*H/OH) - 1, as PyTorch, and likewise for columns;
+    windows may overlap when OH does not divide H. Pooling is separable, so y = Ah x Aw^T per
+    image, with Ah (OH, H) and Aw (OW, W) holding 1/(window length) inside each window: two
+    matrix products forward, their transposes backward. ``output_size=1`` is global average
+    pooling, a plain mean.
+    """
+
+    def __init__(self, output_size):
+        size = (output_size, output_size) if not isinstance(output_size, (tuple, list)) \
+            else tuple(output_size)
+        if len(size) != 2 or not all(s is None or (isinstance(s, int) and s >= 1) for s in size):
+            raise ValueError(f"AdaptiveAvgPool2d: output_size must be a positive int or a pair of "
+                             f"positive ints (or None), got {output_size!r}")
+        self.output_size = size
+
+    def output_shape(self, in_shape):
+        if len(in_shape) != 4:
+            raise ShapeError(f"AdaptiveAvgPool2d: expected a 4-D input (B, C, H, W), got shape "
+                             f"{tuple(in_shape)}")
+        if min(in_shape[2:]) < 1:
+            raise ShapeError(f"AdaptiveAvgPool2d: input {tuple(in_shape)} has an empty spatial "
+                             "dimension")
+        out = tuple(n if s is None else s for s, n in zip(self.output_size, in_shape[2:]))
+        return tuple(in_shape[:2]) + out
+
+    @staticmethod
+    def _window_matrix(xp, n_in, n_out, dtype):
+        """(n_out, n_in): row i is 1/len over PyTorch's window [floor(i*n/o), ceil((i+1)*n/o))."""
+        i = xp.arange(n_out)
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        cols = xp.arange(n_in)
+        inside = (cols >= start[:, None]) & (cols < end[:, None])
+        return (inside / (end - start)[:, None]).astype(dtype)
+
+    def forward(self, x):
+        check_input(self, x, 4, "(B, C, H, W)")
+        B, C, OH, OW = self.output_shape(x.shape)
+        H, W = x.shape[2:]
+        xp = get_array_module(x)
+        if self.training:
+            self._cache = x.shape
+        if (OH, OW) == (1, 1):
+            return x.mean(axis=(2, 3), keepdims=True)
+        ah = self._window_matrix(xp, H, OH, x.dtype)
+        aw = self._window_matrix(xp, W, OW, x.dtype)
+        return ah @ (x @ aw.T)                    # (OH,H) @ (B,C,H,OW) -> (B,C,OH,OW)
+
+    def backward(self, dy, input_grad=True):
+        B, C, H, W = self._pop_cache()
+        OH, OW = dy.shape[2:]
+        xp = get_array_module(dy)
+        if (OH, OW) == (1, 1):
+            dx = xp.empty((B, C, H, W), dtype=dy.dtype)
+            dx[...] = dy / (H * W)
+            return dx
+        ah = self._window_matrix(xp, H, OH, dy.dtype)
+        aw = self._window_matrix(xp, W, OW, dy.dtype)
+        return ah.T @ (dy @ aw)                   # (H,OH) @ (B,C,OH,W) -> (B,C,H,W)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"

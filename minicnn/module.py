@@ -63,7 +63,9 @@ class Module:
 
     Parameters and sub-modules are found by walking the instance attributes in the order they
     were assigned, so ``parameters()`` follows definition order (weight before bias) and
-    ``state_dict()`` keys read like PyTorch's (``"0.weight"``, ``"fc.bias"``).
+    ``state_dict()`` keys read like PyTorch's (``"0.weight"``, ``"fc.bias"``). Buffers are
+    arrays of state that is not trained (BatchNorm's running statistics): ``register_buffer``
+    names them, and they are saved, loaded and moved with the parameters.
     """
 
     training = True
@@ -117,6 +119,58 @@ class Module:
         """All parameters, in definition order (weight before bias)."""
         return [p for _, p in self.named_parameters()]
 
+    def register_buffer(self, name, value):
+        """Make attribute ``name`` a buffer: state that is saved, loaded and moved with the
+        parameters but never trained (an array; None for "none", left out of ``state_dict``).
+
+        Assigning the attribute later (``self.running_mean = ...``) keeps it a buffer.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{type(self).__name__}.register_buffer: name must be an identifier, "
+                             f"got {name!r}")
+        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{type(self).__name__}.register_buffer: '{name}' must be an array or "
+                            f"None, got {type(value).__name__}")
+        if isinstance(vars(self).get(name), (Parameter, Module)):
+            raise ValueError(f"{type(self).__name__}.register_buffer: '{name}' is already a "
+                             "parameter or sub-module")
+        names = vars(self).setdefault("_buffer_names", [])
+        if name not in names:
+            names.append(name)
+        setattr(self, name, value)
+
+    def _own_buffers(self):
+        """(name, array) of this module's own buffers, in registration order; None ones skipped."""
+        for name in vars(self).get("_buffer_names", ()):
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+    def named_buffers(self, prefix=""):
+        """(name, array) of every buffer: this module's own, then each child's, as PyTorch."""
+        for name, value in self._own_buffers():
+            yield (f"{prefix}.{name}" if prefix else name), value
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}.{name}" if prefix else name)
+
+    def buffers(self):
+        """All buffers (arrays), in ``named_buffers`` order."""
+        return [b for _, b in self.named_buffers()]
+
+    def _named_state(self, prefix=""):
+        """(name, Parameter or buffer array) in PyTorch's state_dict order: each module's own
+        parameters, then its own buffers, then its children."""
+        children = []
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield (f"{prefix}.{name}" if prefix else name), value
+            elif isinstance(value, Module):
+                children.append((name, value))
+        for name, value in self._own_buffers():
+            yield (f"{prefix}.{name}" if prefix else name), value
+        for name, child in children:
+            yield from child._named_state(f"{prefix}.{name}" if prefix else name)
+
     def num_parameters(self):
         return sum(int(p.size) for p in self.parameters())
 
@@ -134,12 +188,28 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    def freeze(self):
+        """Set ``requires_grad = False`` on every parameter: optimizers leave them as they are.
+        Backward still runs through the module (layers before it may be training); returns self."""
+        for p in self.parameters():
+            p.requires_grad = False
+        return self
+
+    def unfreeze(self):
+        """Set ``requires_grad = True`` on every parameter again; returns self."""
+        for p in self.parameters():
+            p.requires_grad = True
+        return self
+
     def to(self, dev):
-        """Move every parameter (values and gradients) to ``dev``; returns self."""
+        """Move every parameter (values and gradients) and buffer to ``dev``; returns self."""
         dev = device(dev)
         for p in self.parameters():
             p.data = to_device(p.data, dev)
             p.grad = to_device(p.grad, dev)
+        for _, m in self.named_modules():
+            for name, value in list(m._own_buffers()):
+                setattr(m, name, to_device(value, dev))
         return self
 
     @property
@@ -150,30 +220,34 @@ class Module:
     # --- state ---------------------------------------------------------------------------------
 
     def state_dict(self):
-        """An ordered dict of name -> NumPy copy of each parameter's values."""
-        return OrderedDict((name, to_numpy(p.data).copy()) for name, p in self.named_parameters())
+        """An ordered dict of name -> NumPy copy of each parameter's and buffer's values, in
+        PyTorch's order (a module's own parameters, its own buffers, then its children)."""
+        return OrderedDict((name, to_numpy(v.data if isinstance(v, Parameter) else v).copy())
+                           for name, v in self._named_state())
 
     def load_state_dict(self, state, strict=True):
-        """Copy values from ``state`` (name -> array) into the parameters, in place.
+        """Copy values from ``state`` (name -> array) into the parameters and buffers, in place.
 
         Names and shapes must match; with ``strict=False`` missing and unexpected names are
-        allowed (shapes still must match). Values keep each parameter's device and dtype.
+        allowed (shapes still must match). Everything is checked before anything is written.
+        Values keep each parameter's (buffer's) device and dtype.
         """
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict(self._named_state())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
             raise KeyError(f"{type(self).__name__}.load_state_dict: state does not match the model; "
                            f"missing keys {missing}, unexpected keys {unexpected}")
-        for name, p in own.items():
+        for name, target in own.items():
+            if name in state and tuple(state[name].shape) != tuple(target.shape):
+                raise ShapeError(f"{type(self).__name__}.load_state_dict: '{name}' expected shape "
+                                 f"{tuple(target.shape)}, got {tuple(state[name].shape)}")
+        for name, target in own.items():
             if name not in state:
                 continue
-            value = state[name]
-            if tuple(value.shape) != tuple(p.shape):
-                raise ShapeError(f"{type(self).__name__}.load_state_dict: '{name}' expected shape "
-                                 f"{tuple(p.shape)}, got {tuple(value.shape)}")
-            xp = get_array_module(p.data)
-            p.data[...] = xp.asarray(value).astype(p.dtype, copy=False)
+            data = target.data if isinstance(target, Parameter) else target
+            xp = get_array_module(data)
+            data[...] = xp.asarray(state[name]).astype(data.dtype, copy=False)
 
     # --- printing ------------------------------------------------------------------------------
 
