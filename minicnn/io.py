@@ -115,12 +115,12 @@ def load(model, path, optimizer=None, scheduler=None):
             raise fail(f"is inconsistent: '{name}' is {value.dtype}{list(value.shape)}, "
                        f"its header says {dtype}{list(shape)}")
 
-    own = dict(model.named_parameters())
+    own = dict(model._named_state())          # parameters and buffers, as state_dict() has them
     missing = [n for n in own if n not in params]
     unexpected = [n for n in params if n not in own]
     if missing or unexpected:
         raise fail(f"does not fit {type(model).__name__} (it was saved from {saved_class}): "
-                   f"missing parameters {missing}, unexpected parameters {unexpected}")
+                   f"missing entries {missing}, unexpected entries {unexpected}")
     for name, p in own.items():
         if params[name][0] != tuple(p.shape):
             raise fail(f"does not fit {type(model).__name__} (it was saved from {saved_class}): "

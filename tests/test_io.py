@@ -183,8 +183,8 @@ def test_wrong_shapes(ckpt):
 def test_wrong_names(ckpt):
     save(Net(), ckpt)
     message = load_fails(ckpt, "does not fit Net", model=Net(head_name="classifier"))
-    assert "missing parameters ['classifier.weight', 'classifier.bias']" in message
-    assert "unexpected parameters ['head.weight', 'head.bias']" in message
+    assert "missing entries ['classifier.weight', 'classifier.bias']" in message
+    assert "unexpected entries ['head.weight', 'head.bias']" in message
 
 
 def test_missing_optimizer_state(ckpt):

@@ -438,11 +438,6 @@ def test_resnet_class_and_seeded_construction():
 
 # --- checkpoints (minicnn.save / minicnn.load) with buffers ---------------------------------------
 
-IO_NEEDS_BUFFERS = ("minicnn.io.load compares the file with model.named_parameters() only; it "
-                    "needs the buffers too: own.update(model.named_buffers())")
-
-
-@pytest.mark.xfail(strict=True, raises=minicnn.CheckpointError, reason=IO_NEEDS_BUFFERS)
 def test_checkpoint_round_trip_with_buffers(tmp_path):
     rng = np.random.default_rng(43)
     a, b = vgg11(num_classes=3), vgg11(num_classes=3)
@@ -456,7 +451,6 @@ def test_checkpoint_round_trip_with_buffers(tmp_path):
     assert int(b.features[1].num_batches_tracked) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=IO_NEEDS_BUFFERS)
 def test_checkpoint_without_buffers_fails_clearly(tmp_path):
     """A file that lacks the running statistics (saved from a model without BatchNorm's buffers,
     e.g. track_running_stats=False) does not load into one that has them."""
