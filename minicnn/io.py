@@ -10,6 +10,9 @@ Entries of the file (an uncompressed zip written by ``numpy.savez``)::
 
 ``load`` checks the whole file against the model (and optimizer, scheduler) before changing
 anything, and turns every problem into a ``CheckpointError`` that names the file.
+
+Weights saved by PyTorch (.safetensors or .npz) load with ``load_torch_weights``, kept in
+``minicnn/weights.py`` and re-exported here.
 """
 import contextlib
 import json
@@ -24,6 +27,7 @@ import numpy as np
 from .lr_scheduler import LRScheduler
 from .module import Module
 from .optim import Optimizer
+from .weights import WeightsError, load_torch_weights  # noqa: F401  (public here too)
 
 FORMAT = "minicnn-checkpoint"
 FORMAT_VERSION = 1
