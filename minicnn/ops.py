@@ -12,12 +12,40 @@ Spatial positions are visited through strided window views (``sliding_window_vie
 are Python loops over kernel offsets (kh*kw of them) but never over pixels. Arrays are NCHW by
 shape; the arrays these ops create are channels-last in memory (NCHW views of NHWC buffers),
 because channels-last keeps the C values of a pixel together for im2col and the strided adds.
+Large elementwise work is split over the batch between threads (NumPy releases the GIL inside its
+loops, so each slice runs on its own core); matrix products are left whole to BLAS's own threads.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import cuda
 from .backend import get_array_module
+
+
+_THREADS = min(os.cpu_count() or 1, 8)
+_PARALLEL_MIN = 1 << 19      # elements; below this, handing work to threads costs more than it saves
+_pool = None
+
+
+def over_batch(work, batch, size):
+    """Call ``work(lo, hi)`` on slices [lo, hi) that together cover the batch [0, ``batch``).
+
+    When the work touches at least ``_PARALLEL_MIN`` elements (``size``), the slices run at once
+    on a small thread pool, one per core; otherwise ``work(0, batch)`` runs here.
+    """
+    global _pool
+    n = min(_THREADS, batch) if size >= _PARALLEL_MIN else 1
+    if n <= 1:
+        work(0, batch)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="minicnn")
+    bounds = [batch * t // n for t in range(n + 1)]
+    for f in [_pool.submit(work, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        f.result()
 
 
 def out_size(size, k, stride, pad):
@@ -47,12 +75,15 @@ def _channels_last_zeros(B, C, H, W, dtype):
     return np.zeros((B, H, W, C), dtype=dtype).transpose(0, 3, 1, 2)
 
 
-def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype):
-    """The adjoint of cutting windows: add ``piece(i, j)`` (B,C,OH,OW), the values that kernel
-    offset (i, j) of every window took, back onto the input pixels they came from.
+def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True):
+    """The adjoint of cutting windows: add ``piece(i, j, lo, hi)`` (hi-lo,C,OH,OW), the values
+    that kernel offset (i, j) of the windows of samples lo..hi-1 took, back onto the input
+    pixels they came from.
 
     Overlapping windows add up at the pixels they share; padding is cut off. -> (B,C,H,W).
-    This is the one backward of col2im, average pooling and max pooling.
+    This is the one backward of col2im, average pooling and max pooling. With ``threads``
+    the batch is split over threads (``over_batch``); a ``piece`` that runs a matrix product
+    passes False, as BLAS threads itself.
     """
     B, C, H, W = x_shape
     (sh, sw), (ph, pw) = stride, pad
@@ -63,13 +94,19 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype):
     tiles = (sh, sw) == (kh, kw) and (Hp, Wp) == (sh * OH, sw * OW)
     dxp = np.empty((B, Hp, Wp, C), dtype).transpose(0, 3, 1, 2) if tiles else \
         _channels_last_zeros(B, C, Hp, Wp, dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dst = dxp[:, :, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw]
-            if overlap:
-                dst += piece(i, j)
-            else:
-                dst[...] = piece(i, j)     # one window per pixel: nothing to add to
+
+    def add(lo, hi):
+        for i in range(kh):
+            for j in range(kw):
+                dst = dxp[lo:hi, :, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw]
+                if overlap:
+                    dst += piece(i, j, lo, hi)
+                else:
+                    dst[...] = piece(i, j, lo, hi)     # one window per pixel: nothing to add to
+    if threads:
+        over_batch(add, B, dxp.size)
+    else:
+        add(0, B)
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 
@@ -84,9 +121,10 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
     if get_array_module(x) is not np:
         return im2col_kernel(x, kh, kw, stride, pad)
     B, C = x.shape[:2]
-    win = _windows(_pad(x, pad, 0), kh, kw, stride)          # B,C,OH,OW,kh,kw
-    OH, OW = win.shape[2:4]
-    return win.transpose(0, 2, 3, 4, 5, 1).reshape(B * OH * OW, kh * kw * C)
+    win = _windows(_pad(x, pad, 0), kh, kw, stride).transpose(0, 2, 3, 4, 5, 1)  # B,OH,OW,kh,kw,C
+    cols = np.empty(win.shape, dtype=x.dtype)
+    over_batch(lambda lo, hi: np.copyto(cols[lo:hi], win[lo:hi]), B, cols.size)
+    return cols.reshape(B * win.shape[1] * win.shape[2], kh * kw * C)
 
 
 def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
@@ -96,7 +134,8 @@ def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     B, C, H, W = x_shape
     OH, OW = out_size(H, kh, stride[0], pad[0]), out_size(W, kw, stride[1], pad[1])
     cols6 = cols.reshape(B, OH, OW, kh, kw, C).transpose(0, 5, 1, 2, 3, 4)   # B,C,OH,OW,kh,kw
-    return _add_windows(lambda i, j: cols6[..., i, j], x_shape, kh, kw, stride, pad, cols.dtype)
+    return _add_windows(lambda i, j, lo, hi: cols6[lo:hi, ..., i, j], x_shape, kh, kw, stride, pad,
+                        cols.dtype)
 
 
 def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
@@ -113,11 +152,36 @@ def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     OH, OW = out_size(x_shape[2], kh, stride[0], pad[0]), out_size(x_shape[3], kw, stride[1], pad[1])
     part = np.empty((B, OH, OW, C), dtype=dy2.dtype)
 
-    def piece(i, j):
+    def piece(i, j, lo, hi):                       # always the whole batch: threads=False below
         k = (i * kw + j) * C
         np.matmul(dy2, w[:, k:k + C], out=part.reshape(-1, C))
         return part.transpose(0, 3, 1, 2)
-    return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype)
+    return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype, threads=False)
+
+
+def relu(x):
+    """max(x, 0) and the mask x > 0 that its backward needs; any shape, the batch first."""
+    xp = get_array_module(x)
+    if xp is not np:
+        y = xp.maximum(x, 0)
+        return y, y > 0
+    y, mask = np.empty_like(x), np.empty_like(x, dtype=bool)
+
+    def run(lo, hi):
+        np.maximum(x[lo:hi], 0, out=y[lo:hi])
+        np.greater(y[lo:hi], 0, out=mask[lo:hi])
+    over_batch(run, x.shape[0], x.size)
+    return y, mask
+
+
+def relu_backward(dy, mask):
+    """dy where the input was positive, else 0: dy * mask."""
+    xp = get_array_module(dy)
+    if xp is not np:
+        return dy * mask
+    dx = np.empty_like(mask, dtype=dy.dtype)
+    over_batch(lambda lo, hi: np.multiply(dy[lo:hi], mask[lo:hi], out=dx[lo:hi]), dy.shape[0], dy.size)
+    return dx
 
 
 def maxpool2d(x, kh, kw, stride, pad):
@@ -135,13 +199,17 @@ def maxpool2d(x, kh, kw, stride, pad):
     argmax = np.zeros_like(y, dtype=index_type)
     better = np.empty_like(y, dtype=bool)
     offset = np.empty_like(argmax)
-    for k in range(1, kh * kw):
-        v = win[..., k // kw, k % kw]
-        np.greater(v, y, out=better)              # strictly greater: an equal later value loses
-        np.maximum(y, v, out=y)                   # NaN propagates into y
-        # k exceeds every earlier offset, so a max puts k exactly where this offset won
-        np.multiply(better, index_type.type(k), out=offset)
-        np.maximum(argmax, offset, out=argmax)
+
+    def run(lo, hi):
+        ys, am, bt, off = y[lo:hi], argmax[lo:hi], better[lo:hi], offset[lo:hi]
+        for k in range(1, kh * kw):
+            v = win[lo:hi, ..., k // kw, k % kw]
+            np.greater(v, ys, out=bt)             # strictly greater: an equal later value loses
+            np.maximum(ys, v, out=ys)             # NaN propagates into y
+            # k exceeds every earlier offset, so a max puts k exactly where this offset won
+            np.multiply(bt, index_type.type(k), out=off)
+            np.maximum(am, off, out=am)
+    over_batch(run, x.shape[0], win.size)
     return y, argmax
 
 
@@ -154,8 +222,8 @@ def maxpool2d_backward(dy, argmax, x_shape, kh, kw, stride, pad):
         # Elementwise work over arrays of different memory orders crawls: match argmax's first.
         like_argmax[...] = dy
         dy = like_argmax
-    return _add_windows(lambda i, j: dy * (argmax == i * kw + j), x_shape, kh, kw, stride, pad,
-                        dy.dtype)
+    return _add_windows(lambda i, j, lo, hi: dy[lo:hi] * (argmax[lo:hi] == i * kw + j), x_shape,
+                        kh, kw, stride, pad, dy.dtype)
 
 
 def avgpool2d(x, kh, kw, stride, pad):
@@ -174,7 +242,7 @@ def avgpool2d_backward(dy, x_shape, kh, kw, stride, pad):
     if get_array_module(dy) is not np:
         return avgpool2d_backward_kernel(dy, x_shape, kh, kw, stride, pad)
     share = dy / (kh * kw)
-    return _add_windows(lambda i, j: share, x_shape, kh, kw, stride, pad, dy.dtype)
+    return _add_windows(lambda i, j, lo, hi: share[lo:hi], x_shape, kh, kw, stride, pad, dy.dtype)
 
 
 # --- CUDA paths ----------------------------------------------------------------------------------
