@@ -236,3 +236,27 @@ def test_maxpool_backward_with_gradients_in_another_memory_order(float64):
         a, bb = np.unravel_index(np.argmax(win), win.shape)
         ref[b, c, 2 * i + a, 2 * j + bb] += dy[b, c, i, j]
     np.testing.assert_array_equal(dx, ref)
+
+
+@pytest.mark.parametrize("k,s,p,shape", POOL_CASES)
+def test_threaded_ops_equal_the_serial_ones(monkeypatch, k, s, p, shape):
+    """Splitting the batch over threads changes nothing: every op, forward and backward."""
+    from minicnn import ops
+    kh, kw = _pair(k)
+    st, pd = _pair(k if s is None else s), _pair(p)
+    rng = np.random.default_rng(17)
+    x = unique_values(rng, (7,) + shape[1:]) - 0.5          # 7 samples: uneven slices
+
+    def run():
+        y, argmax = ops.maxpool2d(x, kh, kw, st, pd)
+        dy = np.random.default_rng(18).standard_normal(y.shape)
+        r, mask = ops.relu(x)
+        return [y, argmax, ops.maxpool2d_backward(dy, argmax, x.shape, kh, kw, st, pd),
+                ops.avgpool2d_backward(dy, x.shape, kh, kw, st, pd), ops.im2col(x, kh, kw, st, pd),
+                r, mask, ops.relu_backward(x, mask)]
+    monkeypatch.setattr(ops, "_PARALLEL_MIN", 1 << 60)
+    serial = run()
+    monkeypatch.setattr(ops, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(ops, "_THREADS", 3)
+    for a, b in zip(run(), serial):
+        np.testing.assert_array_equal(a, b)
