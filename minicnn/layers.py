@@ -6,7 +6,7 @@ per operation, same semantics on every backend).
 """
 import math
 
-from . import ops
+from . import amp, ops
 from .backend import device_of, get_array_module, rng
 from .module import Module, ShapeError, new_param
 
@@ -92,25 +92,36 @@ class Conv2d(Module):
         check_input(self, x, 4, "(B, C, H, W)")
         B, _, OH, OW = self.output_shape(x.shape)
         x = x.astype(self.weight.dtype, copy=False)
-        cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
-        y = cols @ self._weight_matrix().T                                                        # B*OH*OW, O
+        half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
+        if half:
+            cols = amp.im2col(x, *self.kernel_size, self.stride, self.padding)
+            y = amp.matmul_half(cols, amp.half(self._weight_matrix()).T)
+        else:
+            cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
+            y = cols @ self._weight_matrix().T                                    # B*OH*OW, O
         if self.bias is not None:
             y += self.bias.data
         if self.training:
-            self._cache = (cols, x.shape)
+            self._cache = (cols, x.shape, half)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape = self._pop_cache()
+        cols, x_shape, half = self._pop_cache()
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
         kh, kw = self.kernel_size
-        dw = (dy2.T @ cols).reshape(self.out_channels, kh, kw, self.in_channels)
-        self.weight.grad += dw.transpose(0, 3, 1, 2)
         if self.bias is not None:
-            self.bias.grad += _column_sums(dy2)
+            self.bias.grad += _column_sums(dy2)          # from the float32 dy2 in both cases
+        if half:                             # the forward ran under autocast: so do the products
+            dy2 = amp.half(dy2)
+        dw = amp.matmul_half(dy2.T, cols) if half else dy2.T @ cols
+        dw = dw.reshape(self.out_channels, kh, kw, self.in_channels)
+        self.weight.grad += dw.transpose(0, 3, 1, 2)
         if not input_grad:
             return None
+        if half:
+            return amp.col2im_matmul(dy2, amp.half(self._weight_matrix()), x_shape,
+                                     *self.kernel_size, self.stride, self.padding)
         return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *self.kernel_size,
                                  self.stride, self.padding)
 
@@ -145,19 +156,22 @@ class Linear(Module):
         check_input(self, x, 2, f"(B, {self.in_features})")
         self.output_shape(x.shape)
         x = x.astype(self.weight.dtype, copy=False)
-        y = x @ self.weight.data.T
+        half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
+        y = amp.matmul(x, self.weight.data.T) if half else x @ self.weight.data.T
         if self.bias is not None:
             y += self.bias.data
         if self.training:
-            self._cache = x
+            self._cache = (x, half)
         return y
 
     def backward(self, dy, input_grad=True):
-        x = self._pop_cache()
-        self.weight.grad += dy.T @ x
+        x, half = self._pop_cache()
+        self.weight.grad += amp.matmul(dy.T, x) if half else dy.T @ x
         if self.bias is not None:
             self.bias.grad += _column_sums(dy)
-        return dy @ self.weight.data if input_grad else None
+        if not input_grad:
+            return None
+        return amp.matmul(dy, self.weight.data) if half else dy @ self.weight.data
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,13 +1,16 @@
 """Training and evaluation loops with progress bars and a per-epoch history.
 
 Loss and accuracy are summed on the model's device and read back once per ``log_every`` steps
-and at the end of an epoch, so a GPU step never waits for the host.
+and at the end of an epoch, so a GPU step never waits for the host (except for the one inf/NaN
+flag a ``GradScaler`` reads per step in mixed precision).
 """
+import contextlib
 import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .amp import GradScaler, autocast
 from .backend import get_array_module, to_numpy
 
 
@@ -89,7 +92,7 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
 
 def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, scheduler=None,
         scheduler_interval="epoch", progress=True, verbose=True, log_every=20, start_epoch=0,
-        on_epoch_end=None):
+        on_epoch_end=None, precision="fp32", scaler=None):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
     Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step.
@@ -101,11 +104,30 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     the first step to the end of this epoch's evaluation). ``start_epoch`` numbers the epochs of
     a resumed run. ``verbose`` prints one summary line per epoch; ``on_epoch_end(row)`` is called
     after each epoch (to save a checkpoint, say).
+
+    ``precision="fp16"`` trains with mixed precision (``minicnn.amp``): forward passes (and the
+    evaluation) run under ``autocast()``, the loss gradient is scaled by ``scaler`` (a
+    ``GradScaler``, made with PyTorch's defaults if not given) and the step goes through
+    ``scaler.step(optimizer)`` and ``scaler.update()``, which skip steps with inf/NaN gradients.
+    Rows then also hold ``loss_scale``, the scale at the end of the epoch. Deciding whether to
+    skip reads one flag from the device per step (as PyTorch's GradScaler does). A ``scaler``
+    given with ``precision="fp32"`` scales the same way around float32 products.
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"fit: precision must be 'fp32' or 'fp16', got {precision!r}")
+    if scaler is not None and not isinstance(scaler, GradScaler):
+        raise TypeError(f"fit: scaler must be a minicnn GradScaler or None, "
+                        f"got {type(scaler).__name__}")
+    if precision == "fp16" and scaler is None:
+        scaler = GradScaler()
+
+    def forward_precision():
+        return autocast() if precision == "fp16" else contextlib.nullcontext()
+
     _check_finite(train_loader)
     history = History()
     first_step = time.perf_counter()
@@ -116,11 +138,18 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{start_epoch + epochs}", unit="batch",
                    disable=not progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar, 1):
-            logits = model(x)
+            with forward_precision():
+                logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad()
-            model.backward(loss_fn.backward(), input_grad=False)
-            optimizer.step()
+            if scaler is None:
+                model.backward(loss_fn.backward(), input_grad=False)
+                optimizer.step()
+            else:     # backward follows the forward's precision, recorded by each layer
+                with np.errstate(over="ignore", invalid="ignore"):   # inf/NaN: a skipped step
+                    model.backward(scaler.scale(loss_fn.backward()), input_grad=False)
+                scaler.step(optimizer)
+                scaler.update()
             if scheduler is not None and scheduler_interval == "batch":
                 scheduler.step()
             meter.add(loss, logits, y)
@@ -135,8 +164,11 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             scheduler.step()
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                "seconds": seconds, "images_per_s": meter.count / seconds}
+        if scaler is not None:
+            row["loss_scale"] = scaler.get_scale()
         if val_loader is not None:
-            val = evaluate(model, val_loader, loss_fn, progress=progress, desc="test")
+            with forward_precision():
+                val = evaluate(model, val_loader, loss_fn, progress=progress, desc="test")
             row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
         row["elapsed"] = time.perf_counter() - first_step
         history.append(row)
