@@ -95,24 +95,26 @@ class Conv2d(Module):
         half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
         if half:
             cols = amp.im2col(x, *self.kernel_size, self.stride, self.padding)
-            y = amp.matmul_half(cols, amp.half(self._weight_matrix()).T)
+            wh = amp.half(self._weight_matrix())        # rounded once, kept for backward
+            y = amp.matmul_half(cols, wh.T)
         else:
             cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
             y = cols @ self._weight_matrix().T                                    # B*OH*OW, O
         if self.bias is not None:
             y += self.bias.data
         if self.training:
-            self._cache = (cols, x.shape, half)
+            self._cache = (cols, x.shape, wh if half else None)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape, half = self._pop_cache()
+        cols, x_shape, wh = self._pop_cache()
+        half = wh is not None                # the forward ran under autocast: so do the products
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
         kh, kw = self.kernel_size
         if self.bias is not None:
             self.bias.grad += _column_sums(dy2)          # from the float32 dy2 in both cases
-        if half:                             # the forward ran under autocast: so do the products
+        if half:
             dy2 = amp.half(dy2)
         dw = amp.matmul_half(dy2.T, cols) if half else dy2.T @ cols
         dw = dw.reshape(self.out_channels, kh, kw, self.in_channels)
@@ -120,8 +122,8 @@ class Conv2d(Module):
         if not input_grad:
             return None
         if half:
-            return amp.col2im_matmul(dy2, amp.half(self._weight_matrix()), x_shape,
-                                     *self.kernel_size, self.stride, self.padding)
+            return amp.col2im_matmul(dy2, wh, x_shape, *self.kernel_size, self.stride,
+                                     self.padding)
         return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *self.kernel_size,
                                  self.stride, self.padding)
 
