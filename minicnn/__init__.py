@@ -4,7 +4,8 @@ NumPy arrays on the CPU, CuPy arrays and hand-written CUDA kernels on NVIDIA GPU
 pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``, ``minicnn.Adam``,
 ``minicnn.fit``, ``minicnn.save`` ...
 """
-from . import augment, models
+from . import amp, augment, models
+from .amp import GradScaler, autocast
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
                       set_default_dtype, to_device, to_numpy)
 from .cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError
@@ -30,6 +31,8 @@ from .backend import keep_freed_memory as _keep_freed_memory  # noqa: E402
 _keep_freed_memory()
 
 __all__ = [
+    "GradScaler",
+    "autocast",
     "BasicBlock",
     "AdaptiveAvgPool2d",
     "Identity",

@@ -243,14 +243,13 @@ class ReLU(Module):
     """y = max(x, 0), elementwise; dx = dy where x > 0, else 0."""
 
     def forward(self, x):
-        xp = get_array_module(x)
-        y = xp.maximum(x, 0)
+        y, mask = ops.relu(x)
         if self.training:
-            self._cache = y > 0
+            self._cache = mask
         return y
 
     def backward(self, dy, input_grad=True):
-        return dy * self._pop_cache()
+        return ops.relu_backward(dy, self._pop_cache())
 
 
 class Flatten(Module):

@@ -1,4 +1,6 @@
-"""Loss functions: forward returns a 0-d array (no host sync), backward returns d(loss)/d(input)."""
+"""Loss functions: forward returns a 0-d array that stays on the device, backward returns
+d(loss)/d(input). Checking that the targets are valid class indices reads one flag back, which on
+a GPU is a host sync per call."""
 from .backend import get_array_module
 from .module import ShapeError
 

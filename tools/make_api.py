@@ -33,6 +33,7 @@ SECTIONS = [
     ("Optimizers", "sec-optim", ["minicnn.optim"]),
     ("Learning-rate schedules", "sec-lr", ["minicnn.lr_scheduler"]),
     ("Training", "sec-train", ["minicnn.train"]),
+    ("Mixed precision", "sec-amp", ["minicnn.amp"]),
     ("Data", "sec-data", ["minicnn.data", "minicnn.cifar"]),
     ("Checkpoints and PyTorch weights", "sec-io", ["minicnn.io", "minicnn.weights"]),
     ("Devices, dtype and randomness", "sec-backend", ["minicnn.backend"]),
@@ -40,7 +41,7 @@ SECTIONS = [
 ]
 
 # modules used by their name, not re-exported name by name
-MODULES = ["minicnn.models", "minicnn.amp", "minicnn.augment", "minicnn.ops", "minicnn.cuda",
+MODULES = ["minicnn.models", "minicnn.augment", "minicnn.ops", "minicnn.cuda",
            "minicnn.testing.emulator"]
 
 
