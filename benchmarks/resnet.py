@@ -27,11 +27,11 @@ import json
 import os
 import sys
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-import minicnn  # noqa: E402
+import minicnn  # noqa: E402  (before NumPy: it sets OpenBLAS's thread spin)
+import numpy as np  # noqa: E402
 from minicnn.amp import GradScaler, autocast  # noqa: E402
 from minicnn.models import resnet18  # noqa: E402
 

@@ -19,10 +19,9 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import minicnn  # noqa: E402
+import minicnn  # noqa: E402  (before NumPy: it sets OpenBLAS's thread spin, see minicnn/__init__.py)
+import numpy as np  # noqa: E402
 from minicnn.models import mnist_cnn  # noqa: E402
 
 

@@ -22,9 +22,8 @@ measure speed (its accuracy means nothing).
 import argparse
 import sys
 
+import minicnn  # before NumPy: it sets OpenBLAS's thread spin (minicnn/__init__.py)
 import numpy as np
-
-import minicnn
 from minicnn import CIFAR10, augment
 from minicnn.amp import GradScaler
 from minicnn.data import ArrayDataset, DataLoader, DatasetUnavailable

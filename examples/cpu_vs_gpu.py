@@ -10,9 +10,8 @@ it says why and times the CPU alone.
 import argparse
 import time
 
+import minicnn  # before NumPy: it sets OpenBLAS's thread spin (minicnn/__init__.py)
 import numpy as np
-
-import minicnn
 from minicnn.backend import cuda_unavailable_reason
 from minicnn.data import MNIST, DataLoader, DatasetUnavailable, mnist_sample
 from minicnn.models import mnist_cnn

@@ -199,3 +199,18 @@ def test_training_steps_reuse_host_memory():
 def test_keep_freed_memory_can_be_refused(monkeypatch):
     monkeypatch.setenv("MINICNN_KEEP_FREED_MEMORY", "0")
     assert minicnn.backend.keep_freed_memory() is False
+
+
+def test_importing_minicnn_first_shortens_openblas_spin():
+    """OpenBLAS's idle threads spinning after each product slowed the elementwise work of a CPU
+    step by 30-45%; minicnn asks for a short spin unless the user chose a value."""
+    import os
+    import subprocess
+    import sys
+    code = "import minicnn, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.strip() == "4", run.stderr
+    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.strip() == "20", run.stderr
