@@ -152,13 +152,7 @@ def main(argv=None):
 
     device = minicnn.device(args.device).type
     sync = _synchronizer(device)
-    try:
-        if args.no_torch:
-            raise ImportError("--no-torch")
-        import torch
-        have_torch = device == "cpu" or torch.cuda.is_available()
-    except ImportError:
-        have_torch = False
+    have_torch = _train_bench.torch_usable(device, args.no_torch)
     env = environment(device)
     print(", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"ResNet-18 (CIFAR stem) training step, Adam, batch {args.batch_size}; median of "

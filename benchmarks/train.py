@@ -40,6 +40,17 @@ def _synchronizer(device):
     return lambda: [w() for w in waits]
 
 
+def torch_usable(device, refused=False):
+    """Whether PyTorch can run beside minicnn on ``device`` (False when ``refused``)."""
+    if refused:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return device == "cpu" or torch.cuda.is_available()
+
+
 def median_rates(steps_by_name, batch, steps, repeats, sync, warmup=3):
     """{name: step function} -> {name: median images/s}; contenders take turns per repeat."""
     for step in steps_by_name.values():
@@ -175,13 +186,7 @@ def main(argv=None):
 
     device = minicnn.device(args.device).type
     sync = _synchronizer(device)
-    try:
-        if args.no_torch:
-            raise ImportError("--no-torch")
-        import torch  # noqa: F401
-        have_torch = device == "cpu" or torch.cuda.is_available()
-    except ImportError:
-        have_torch = False
+    have_torch = torch_usable(device, args.no_torch)
     env = environment(device)
     print(", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"training step of the example network, fp32, Adam; median of {args.repeats} x "

@@ -1,3 +1,7 @@
+import contextlib
+import http.server
+import threading
+
 import numpy as np
 import pytest
 
@@ -22,3 +26,44 @@ def unique_values(rng, shape):
     """Random values with no ties (pooling tests: ties make argmax and finite differences disagree)."""
     n = int(np.prod(shape))
     return (rng.permutation(n).reshape(shape) + rng.uniform(0.1, 0.4, size=shape)) / n
+
+
+class _MirrorHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.server.routes.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        # /cut/ announces the whole file, sends half, then closes: a dropped connection.
+        self.wfile.write(body[:len(body) // 2] if self.path.startswith("/cut/") else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def mirror_server(files, extra_routes=None):
+    """A download server on 127.0.0.1 for ``files`` (name -> bytes); yields its base URL.
+
+    Mirrors: /good/ serves each file, /trunc/ its first half, /corrupt/ with 20 bytes flipped,
+    /cut/ announces the full length and drops the connection halfway; anything else is a 404
+    (so /missing/ is a mirror without the files). ``extra_routes`` adds paths -> bytes.
+    """
+    routes = dict(extra_routes or {})
+    for name, data in files.items():
+        routes[f"/good/{name}"] = data
+        routes[f"/cut/{name}"] = data
+        routes[f"/trunc/{name}"] = data[:len(data) // 2]
+        routes[f"/corrupt/{name}"] = data[:20] + bytes(b ^ 0xFF for b in data[20:40]) + data[40:]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MirrorHandler)
+    httpd.routes = routes
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

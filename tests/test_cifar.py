@@ -6,14 +6,12 @@ and downloads are served by a local HTTP server on 127.0.0.1. The real files are
 when $MINICNN_DATA holds them.
 """
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import re
 import struct
 import tarfile
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from minicnn import augment, backend, cifar
 from minicnn.cifar import (CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError,
                            extract_cifar_archive, read_cifar_batch)
 from minicnn.data import ArrayDataset, DataLoader, DatasetUnavailable
+
+from conftest import mirror_server
 
 REAL_DATA = os.environ.get("MINICNN_DATA")
 N = 4  # images per synthetic batch file
@@ -497,39 +497,11 @@ ARCHIVES = {BIN_TGZ: tar_gz(batch_files("binary"), BIN),
 MD5 = {k: "md5:" + hashlib.md5(v).hexdigest() for k, v in ARCHIVES.items()}
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.server.routes.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        # /cut/ announces the whole file, sends half, then closes: a dropped connection.
-        self.wfile.write(body[:len(body) // 2] if self.path.startswith("/cut/") else body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def server():
     """Mirrors /good/, /trunc/, /corrupt/, /cut/, /missing/ (404) and /pyonly/ (no binary)."""
-    routes = {}
-    for name, data in ARCHIVES.items():
-        routes[f"/good/{name}"] = data
-        routes[f"/cut/{name}"] = data
-        routes[f"/trunc/{name}"] = data[:len(data) // 2]
-        routes[f"/corrupt/{name}"] = data[:20] + bytes(b ^ 0xFF for b in data[20:40]) + data[40:]
-    routes[f"/pyonly/{PY_TGZ}"] = ARCHIVES[PY_TGZ]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.routes = routes
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with mirror_server(ARCHIVES, {f"/pyonly/{PY_TGZ}": ARCHIVES[PY_TGZ]}) as url:
+        yield url
 
 
 BAD_MIRRORS = ["http://127.0.0.1:1/", "missing", "trunc", "corrupt", "cut"]

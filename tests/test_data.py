@@ -5,9 +5,7 @@ checked only when $MINICNN_DATA points at them.
 """
 import gzip
 import hashlib
-import http.server
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ from minicnn.data import (
     FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, ArrayDataset, DataLoader,
     DatasetUnavailable, FashionMNIST, IDXError, MNIST, mnist_sample, read_idx,
 )
+
+from conftest import mirror_server
 
 REAL_DATA = os.environ.get("MINICNN_DATA")
 
@@ -140,38 +140,11 @@ SHA256 = {k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in FILES.items()
 MD5 = {k: "md5:" + hashlib.md5(v).hexdigest() for k, v in FILES.items()}
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.server.routes.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        # /cut/ announces the whole file, sends half, then closes: a dropped connection.
-        self.wfile.write(body[:len(body) // 2] if self.path.startswith("/cut/") else body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def server():
     """Base URL of a server with mirrors /good/, /trunc/, /corrupt/, /cut/ and /missing/ (404)."""
-    routes = {}
-    for name, gz in FILES.items():
-        routes[f"/good/{name}"] = gz
-        routes[f"/cut/{name}"] = gz
-        routes[f"/trunc/{name}"] = gz[:len(gz) // 2]
-        routes[f"/corrupt/{name}"] = gz[:20] + bytes(b ^ 0xFF for b in gz[20:40]) + gz[40:]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.routes = routes
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with mirror_server(FILES) as url:
+        yield url
 
 
 @pytest.fixture
