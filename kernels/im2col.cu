@@ -20,6 +20,15 @@
 //         cols entry with atomicAdd, would add in a different order on every run.)
 // Both loop grid-stride over a 64-bit flat index, so a grid of any size covers every element.
 
+// The loader compiles this file once per dtype with -Dscalar_t=... -Dacc_t=...; on its own
+// (nvcc -ptx file.cu) it builds the float version.
+#ifndef scalar_t
+#define scalar_t float
+#endif
+#ifndef acc_t
+#define acc_t scalar_t
+#endif
+
 extern "C" __global__ void im2col(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
                                   int B, int C, int H, int W, int kh, int kw, int sh, int sw,
                                   int ph, int pw, int OH, int OW) {

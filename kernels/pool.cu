@@ -27,6 +27,15 @@
 //   deterministic and bit-identical to the NumPy ops, which add offset by offset in this order.
 // All kernels loop grid-stride over a 64-bit flat index, so a grid of any size covers everything.
 
+// The loader compiles this file once per dtype with -Dscalar_t=... -Dacc_t=...; on its own
+// (nvcc -ptx file.cu) it builds the float version.
+#ifndef scalar_t
+#define scalar_t float
+#endif
+#ifndef acc_t
+#define acc_t scalar_t
+#endif
+
 extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ y, int* __restrict__ argmax,
                                              int B, int C, int H, int W, int kh, int kw,

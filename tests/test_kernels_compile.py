@@ -38,10 +38,11 @@ def nvcc(*args, tmp_path):
     return proc.returncode, proc.stdout + proc.stderr, shlex.join(command)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=["standalone", "f32", "f64"])
 @pytest.mark.parametrize("file", FILES)
 def test_ptx_compiles_without_warnings(file, dtype, tmp_path):
-    options = cuda.compile_options(dtype)
+    """With the loader's options, and standalone (plain ``nvcc -ptx file.cu``: float)."""
+    options = cuda.compile_options(dtype) if dtype is not None else ()
     source = cuda.kernel_dir() / file
     rc, log, command = nvcc("-ptx", "-arch=compute_75", "-std=c++14", *options, "-x", "cu",
                             str(source), "-o", "kernel.ptx", tmp_path=tmp_path)
