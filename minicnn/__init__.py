@@ -16,11 +16,12 @@ from . import amp, augment, models  # noqa: E402
 from .amp import GradScaler, autocast
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
                       set_default_dtype, to_device, to_numpy)
+from .backend import keep_freed_memory as _keep_freed_memory
+from .blocks import BasicBlock
 from .cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
                    DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
 from .io import CheckpointError, load, save
-from .blocks import BasicBlock
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear,
                      MaxPool2d, ReLU)
 from .losses import CrossEntropyLoss
@@ -34,9 +35,7 @@ from .weights import WeightsError, load_torch_weights
 
 __version__ = "0.1.0"
 
-from .backend import keep_freed_memory as _keep_freed_memory  # noqa: E402
-
-_keep_freed_memory()
+_keep_freed_memory()        # a training step's large temporaries are reused, not page-faulted in
 
 __all__ = [
     "GradScaler",
