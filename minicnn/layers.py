@@ -101,7 +101,7 @@ class Conv2d(Module):
             cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
             y = cols @ self._weight_matrix().T                                    # B*OH*OW, O
         if self.bias is not None:
-            y += self.bias.data
+            ops.add_bias(y.reshape(B, -1), self.bias.data)
         if self.training:
             self._cache = (cols, x.shape, wh if half else None)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.

@@ -283,7 +283,11 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order; ``backward`` runs them in reverse. Indexable like a list."""
+    """Layers applied in order; ``backward`` runs them in reverse. Indexable like a list.
+
+    Forward follows ``_plan()``, which may run a layer in another place, with the same outputs
+    and gradients to the last bit, where that saves work (see there).
+    """
 
     def __init__(self, *layers):
         for i, layer in enumerate(layers):
@@ -293,6 +297,19 @@ class Sequential(Module):
 
     def _layers(self):
         return [m for _, m in self.named_children()]
+
+    def _plan(self):
+        """The layers in the order forward runs them: as given, except that a ReLU directly
+        before a MaxPool2d runs after it. ReLU never decreases, so relu(max(a, b)) equals
+        max(relu(a), relu(b)); where the window's maximum is <= 0 both orders pass no gradient,
+        elsewhere they pick the same winner. After a 2x2 pool the ReLU touches a quarter of
+        the values."""
+        from .layers import MaxPool2d, ReLU        # layers.py builds on this module
+        order = self._layers()
+        for i in range(len(order) - 1):
+            if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
+                order[i], order[i + 1] = order[i + 1], order[i]
+        return order
 
     def __getitem__(self, i):
         layers = self._layers()
@@ -307,20 +324,23 @@ class Sequential(Module):
         return iter(self._layers())
 
     def forward(self, x):
-        for layer in self._layers():
+        plan = self._plan()
+        for layer in plan:
             x = layer.forward(x)
+        if self.training:
+            self._cache = plan
         return x
 
     def backward(self, dy, input_grad=True):
-        layers = self._layers()
+        plan = self._pop_cache()
         first = 0
         if not input_grad:
             # Without dx wanted, the layers before the first one with parameters need no backward.
-            first = next((i for i, m in enumerate(layers) if m.parameters()), len(layers))
-            for layer in layers[:first]:
+            first = next((i for i, m in enumerate(plan) if m.parameters()), len(plan))
+            for layer in plan[:first]:
                 layer._cache = None
-        for i in range(len(layers) - 1, first - 1, -1):
-            dy = layers[i].backward(dy, input_grad=input_grad or i > first)
+        for i in range(len(plan) - 1, first - 1, -1):
+            dy = plan[i].backward(dy, input_grad=input_grad or i > first)
         return dy
 
     def output_shape(self, in_shape):

@@ -159,6 +159,21 @@ def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype, threads=False)
 
 
+def add_bias(y, bias):
+    """y (N, L) += bias (C,) repeated along each row, in place; L is a multiple of C.
+
+    A convolution's output rows are channels-last pixels, so the caller passes one row per sample
+    (L = OH*OW*C): NumPy then adds a tiled bias over long rows instead of looping over millions
+    of C-long ones, which costs several times more.
+    """
+    if get_array_module(y) is not np:
+        rows = y.reshape(-1, bias.size)
+        rows += bias
+        return y
+    np.add(y, np.tile(bias, y.shape[1] // bias.size), out=y)
+    return y
+
+
 def relu(x):
     """max(x, 0) and the mask x > 0 that its backward needs; any shape, the batch first."""
     xp = get_array_module(x)

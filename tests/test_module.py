@@ -214,3 +214,42 @@ def test_importing_minicnn_first_shortens_openblas_spin():
     env["OPENBLAS_THREAD_TIMEOUT"] = "20"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.stdout.strip() == "20", run.stderr
+
+
+def _in_given_order(model, x, dy):
+    """Forward and backward through ``model``'s layers one by one, in the order they were given
+    (what Sequential would do without its plan): (output, dx, parameter gradients)."""
+    layers = list(model)
+    for layer in layers:
+        x = layer.forward(x)
+    g = dy
+    for layer in reversed(layers):
+        g = layer.backward(g)
+    return x, g, [p.grad.copy() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)],
+    lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
+             MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
+])
+def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, float64):
+    """Sequential runs a ReLU before a max pool after it instead: outputs, input gradients and
+    parameter gradients must not change by a bit (float64), including windows whose values are
+    all negative (no gradient in either order) and overlapping windows."""
+    minicnn.seed(4)
+    model = Sequential(*layers())
+    plan = [type(m) for m in model._plan()]
+    assert all(not (a is ReLU and b is MaxPool2d) for a, b in zip(plan, plan[1:]))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 8, 8)) - 0.3            # many windows wholly negative
+    out = model(x)
+    dy = rng.standard_normal(out.shape)
+    dx = model.backward(dy)
+    grads = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    ref_out, ref_dx, ref_grads = _in_given_order(model, x, dy)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(dx, ref_dx)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_array_equal(g, r)
