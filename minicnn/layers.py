@@ -6,7 +6,7 @@ per operation, same semantics on every backend).
 """
 import math
 
-from . import amp, ops
+from . import amp, fused, ops
 from .backend import device_of, get_array_module, rng
 from .module import Module, ShapeError, new_param
 
@@ -28,6 +28,16 @@ def _column_sums(a):
     faster than a.sum(axis=0) for the tall matrices of a convolution's backward."""
     xp = get_array_module(a)
     return xp.ones(a.shape[0], dtype=a.dtype) @ a
+
+
+def _bias_then_relu(layer, y, relu):
+    """y (N, out) += the layer's bias, in place; with ``relu`` also y = max(y, 0) in the same
+    pass (``fused.bias_relu``), which Sequential asks for when a ReLU follows the layer."""
+    if relu:
+        return fused.bias_relu(y, layer.bias.data)
+    if layer.bias is not None:
+        ops.add_bias(y, layer.bias.data)
+    return y
 
 
 def check_input(layer, x, ndim, what):
@@ -64,7 +74,10 @@ class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
+    ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass.
     """
+
+    fuses_relu = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         name = "Conv2d"
@@ -88,7 +101,7 @@ class Conv2d(Module):
                               self.in_channels)
         return (in_shape[0], self.out_channels, oh, ow)
 
-    def forward(self, x):
+    def forward(self, x, relu=False):
         check_input(self, x, 4, "(B, C, H, W)")
         B, _, OH, OW = self.output_shape(x.shape)
         x = x.astype(self.weight.dtype, copy=False)
@@ -100,17 +113,18 @@ class Conv2d(Module):
         else:
             cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
             y = cols @ self._weight_matrix().T                                    # B*OH*OW, O
-        if self.bias is not None:
-            ops.add_bias(y.reshape(B, -1), self.bias.data)
+        y = _bias_then_relu(self, y, relu)
         if self.training:
-            self._cache = (cols, x.shape, wh if half else None)
+            self._cache = (cols, x.shape, wh if half else None, y if relu else None)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape, wh = self._pop_cache()
+        cols, x_shape, wh, relu_out = self._pop_cache()
         half = wh is not None                # the forward ran under autocast: so do the products
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
+        if relu_out is not None:
+            dy2 = fused.relu_backward(dy2, relu_out)
         kh, kw = self.kernel_size
         if self.bias is not None:
             self.bias.grad += _column_sums(dy2)          # from the float32 dy2 in both cases
@@ -137,7 +151,10 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in)."""
+    """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in).
+    ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass."""
+
+    fuses_relu = True
 
     def __init__(self, in_features, out_features, bias=True):
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
@@ -154,20 +171,21 @@ class Linear(Module):
                              f"got {tuple(in_shape)}")
         return (in_shape[0], self.out_features)
 
-    def forward(self, x):
+    def forward(self, x, relu=False):
         check_input(self, x, 2, f"(B, {self.in_features})")
         self.output_shape(x.shape)
         x = x.astype(self.weight.dtype, copy=False)
         half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
         y = amp.matmul(x, self.weight.data.T) if half else x @ self.weight.data.T
-        if self.bias is not None:
-            y += self.bias.data
+        y = _bias_then_relu(self, y, relu)
         if self.training:
-            self._cache = (x, half)
+            self._cache = (x, half, y if relu else None)
         return y
 
     def backward(self, dy, input_grad=True):
-        x, half = self._pop_cache()
+        x, half, relu_out = self._pop_cache()
+        if relu_out is not None:
+            dy = fused.relu_backward(dy, relu_out)
         self.weight.grad += amp.matmul(dy.T, x) if half else dy.T @ x
         if self.bias is not None:
             self.bias.grad += _column_sums(dy)
@@ -207,7 +225,7 @@ class MaxPool2d(_Pool2d):
     x (B,C,H,W) -> y (B,C,OH,OW). Backward routes dy to the recorded winners.
     """
 
-    def forward(self, x):
+    def forward(self, x, relu=False):
         check_input(self, x, 4, "(B, C, H, W)")
         self.output_shape(x.shape)
         y, argmax = ops.maxpool2d(x, *self.kernel_size, self.stride, self.padding)
@@ -227,7 +245,7 @@ class AvgPool2d(_Pool2d):
     x (B,C,H,W) -> y (B,C,OH,OW).
     """
 
-    def forward(self, x):
+    def forward(self, x, relu=False):
         check_input(self, x, 4, "(B, C, H, W)")
         self.output_shape(x.shape)
         if self.training:
@@ -363,7 +381,7 @@ class AdaptiveAvgPool2d(Module):
         inside = (cols >= start[:, None]) & (cols < end[:, None])
         return (inside / (end - start)[:, None]).astype(dtype)
 
-    def forward(self, x):
+    def forward(self, x, relu=False):
         check_input(self, x, 4, "(B, C, H, W)")
         B, C, OH, OW = self.output_shape(x.shape)
         H, W = x.shape[2:]

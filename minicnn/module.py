@@ -299,17 +299,29 @@ class Sequential(Module):
         return [m for _, m in self.named_children()]
 
     def _plan(self):
-        """The layers in the order forward runs them: as given, except that a ReLU directly
-        before a MaxPool2d runs after it. ReLU never decreases, so relu(max(a, b)) equals
-        max(relu(a), relu(b)); where the window's maximum is <= 0 both orders pass no gradient,
-        elsewhere they pick the same winner. After a 2x2 pool the ReLU touches a quarter of
-        the values."""
+        """[(layer, fuse_relu)] in the order forward runs them. As given, except:
+
+        - a ReLU directly before a MaxPool2d runs after it. ReLU never decreases, so
+          relu(max(a, b)) equals max(relu(a), relu(b)); where a window's maximum is <= 0 both
+          orders pass no gradient, elsewhere they pick the same winner. After a 2x2 pool the
+          ReLU touches a quarter of the values;
+        - a ReLU right after a layer that can apply it with its bias (``fuses_relu``: Conv2d,
+          Linear) is done there, in one pass (``fuse_relu`` True), and not run on its own.
+        """
         from .layers import MaxPool2d, ReLU        # layers.py builds on this module
         order = self._layers()
         for i in range(len(order) - 1):
             if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
                 order[i], order[i + 1] = order[i + 1], order[i]
-        return order
+        plan = []
+        for layer in order:
+            if (type(layer) is ReLU and plan and not plan[-1][1]
+                    and getattr(plan[-1][0], "fuses_relu", False)
+                    and plan[-1][0].bias is not None):
+                plan[-1] = (plan[-1][0], True)
+            else:
+                plan.append((layer, False))
+        return plan
 
     def __getitem__(self, i):
         layers = self._layers()
@@ -325,14 +337,14 @@ class Sequential(Module):
 
     def forward(self, x):
         plan = self._plan()
-        for layer in plan:
-            x = layer.forward(x)
+        for layer, relu in plan:
+            x = layer.forward(x, relu=True) if relu else layer.forward(x)
         if self.training:
             self._cache = plan
         return x
 
     def backward(self, dy, input_grad=True):
-        plan = self._pop_cache()
+        plan = [layer for layer, _ in self._pop_cache()]
         first = 0
         if not input_grad:
             # Without dx wanted, the layers before the first one with parameters need no backward.

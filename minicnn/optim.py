@@ -38,8 +38,21 @@ class Optimizer:
         """``hyper`` validated and normalised to plain Python values; raises ValueError."""
         raise NotImplementedError
 
+    # A step has a host half and a device half, so that a CUDA graph can record the device half
+    # once and the host half can still run before every replay (minicnn/graph.py).
+    capturable = False     # whether apply_step reads everything that changes from device memory
+
     def step(self):
         """Update every parameter with ``requires_grad`` from its ``.grad``."""
+        self.prepare_step()
+        self.apply_step()
+
+    def prepare_step(self):
+        """The host half of ``step``: count the step (and write what the update kernel reads)."""
+        self.step_count += 1
+
+    def apply_step(self):
+        """The device half of ``step``: the update itself, from the current hyper-parameters."""
         raise NotImplementedError
 
     def zero_grad(self):
@@ -182,9 +195,8 @@ class SGD(Optimizer):
                              f"momentum={out['momentum']!r}, dampening={out['dampening']!r}")
         return out
 
-    def step(self):
+    def apply_step(self):
         """One SGD update of every parameter with ``requires_grad`` (see the class docstring)."""
-        self.step_count += 1
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
         for i, p in self._trainable():
             xp = get_array_module(p.data)

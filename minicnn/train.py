@@ -35,24 +35,26 @@ class History:
 
 
 class _Meter:
-    """Sums of loss and correct predictions kept on the device, read on demand."""
+    """Sums of loss and correct predictions, kept on the model's device and added to in place
+    (so a recorded CUDA graph adds to the same sums on every replay); read on demand. The
+    caller counts the images, on the host."""
 
     def __init__(self):
-        self.loss = 0.0
-        self.correct = 0
+        self.sums = None        # [sum of loss * batch size, correct predictions], float64
         self.count = 0
 
     def add(self, loss, logits, targets):
-        n = targets.shape[0]
+        if self.sums is None:
+            self.sums = get_array_module(logits).zeros(2, dtype=np.float64)
         if loss is not None:
-            self.loss = self.loss + loss * n
-        self.correct = self.correct + (logits.argmax(axis=1) == targets).sum()
-        self.count += n
+            self.sums[:1] += loss * targets.shape[0]
+        self.sums[1:] += (logits.argmax(axis=1) == targets).sum()
 
     def read(self):
         """(mean loss, accuracy) as Python floats: the one host sync."""
         n = max(self.count, 1)
-        return float(to_numpy(self.loss)) / n, float(to_numpy(self.correct)) / n
+        loss, correct = to_numpy(self.sums) if self.sums is not None else (0.0, 0.0)
+        return float(loss) / n, float(correct) / n
 
 
 def _check_finite(loader):
@@ -68,6 +70,25 @@ def _check_finite(loader):
                          f"(first indices {bad[:5].tolist()}); clean or drop them before training")
 
 
+def _check_graphable(model, optimizer, scaler):
+    """Raise, saying why, unless ``fit(cuda_graph=True)`` can record this training step."""
+    from .layers import Dropout
+    params = model.parameters()
+    if not params or params[0].device != "cuda":
+        where = params[0].device if params else "a model without parameters"
+        raise ValueError(f"fit: cuda_graph=True needs the model on a CUDA device, got {where}")
+    if not optimizer.capturable:
+        raise ValueError(f"fit: cuda_graph=True needs an optimizer that reads its step count and "
+                         f"learning rate from device memory (Adam, AdamW), got "
+                         f"{type(optimizer).__name__}")
+    if scaler is not None:
+        raise ValueError("fit: cuda_graph=True cannot record mixed precision: GradScaler decides "
+                         "on the host whether to skip each step")
+    if any(isinstance(m, Dropout) for _, m in model.named_modules()):
+        raise ValueError("fit: cuda_graph=True cannot record Dropout: its masks come from the "
+                         "host generator, and a graph would replay the same mask every step")
+
+
 def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
     """Run ``model`` in eval mode over ``loader``'s (x, y) batches.
 
@@ -81,6 +102,7 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
             logits = model(x)
             meter.add(loss_fn(logits, y) if loss_fn is not None else None, logits, y)
+            meter.count += y.shape[0]
     finally:
         model.train(was_training)
     loss, acc = meter.read()
@@ -92,7 +114,7 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
 
 def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, scheduler=None,
         scheduler_interval="epoch", progress=True, verbose=True, log_every=20, start_epoch=0,
-        on_epoch_end=None, precision="fp32", scaler=None):
+        on_epoch_end=None, precision="fp32", scaler=None, cuda_graph=False):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
     Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step.
@@ -112,6 +134,15 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     Rows then also hold ``loss_scale``, the scale at the end of the epoch. Deciding whether to
     skip reads one flag from the device per step (as PyTorch's GradScaler does). A ``scaler``
     given with ``precision="fp32"`` scales the same way around float32 products.
+
+    ``cuda_graph=True`` (model on a GPU, fp32, an optimizer whose update reads its changing
+    values from device memory: ``Adam``/``AdamW``, no ``Dropout``) records the training step as a
+    CUDA graph after a few eager steps and replays it for every batch of the same shape
+    (``minicnn.graph``): the same updates as without it, at one launch per step.
+
+    No step reads a value back from the device: the running loss and accuracy are summed there
+    and read every ``log_every`` steps and at the end of the epoch, which is also when a
+    deferred check of the targets (``CrossEntropyLoss.check``) raises.
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
@@ -124,40 +155,66 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                         f"got {type(scaler).__name__}")
     if precision == "fp16" and scaler is None:
         scaler = GradScaler()
+    if cuda_graph:
+        _check_graphable(model, optimizer, scaler)
 
     def forward_precision():
         return autocast() if precision == "fp16" else contextlib.nullcontext()
 
     _check_finite(train_loader)
     history = History()
+    meter = None
+
+    def train_step(x, y, graphed=False):
+        """Forward, loss, backward and update, with nothing read back (graphed: ``prepare_step``
+        already ran on the host)."""
+        with forward_precision():
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad()
+        if scaler is None:
+            model.backward(loss_fn.backward(), input_grad=False)
+            optimizer.apply_step() if graphed else optimizer.step()
+        else:     # backward follows the forward's precision, recorded by each layer
+            with np.errstate(over="ignore", invalid="ignore"):   # inf/NaN: a skipped step
+                model.backward(scaler.scale(loss_fn.backward()), input_grad=False)
+            scaler.step(optimizer)
+            scaler.update()
+        meter.add(loss, logits, y)
+
+    def read_meter():
+        if hasattr(loss_fn, "check"):
+            loss_fn.check()
+        return meter.read()
+
+    graph = None
+    if cuda_graph:
+        from .graph import GraphStep
+        graph = GraphStep(lambda x, y: train_step(x, y, graphed=True), optimizer.prepare_step)
     first_step = time.perf_counter()
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         model.train()
-        meter = _Meter()
+        if meter is None or meter.sums is None or graph is None:
+            meter = _Meter()
+        else:       # the graph adds to the sums it was recorded with: zero them in place
+            meter.sums[...] = 0
+            meter.count = 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{start_epoch + epochs}", unit="batch",
                    disable=not progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar, 1):
-            with forward_precision():
-                logits = model(x)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad()
-            if scaler is None:
-                model.backward(loss_fn.backward(), input_grad=False)
-                optimizer.step()
-            else:     # backward follows the forward's precision, recorded by each layer
-                with np.errstate(over="ignore", invalid="ignore"):   # inf/NaN: a skipped step
-                    model.backward(scaler.scale(loss_fn.backward()), input_grad=False)
-                scaler.step(optimizer)
-                scaler.update()
+            if graph is not None:
+                graph(x, y)
+            else:
+                train_step(x, y)
+            meter.count += y.shape[0]
             if scheduler is not None and scheduler_interval == "batch":
                 scheduler.step()
-            meter.add(loss, logits, y)
-            if progress and step % log_every == 0:
-                mean_loss, acc = meter.read()
+            if step % log_every == 0:
+                mean_loss, acc = read_meter()
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
                                 img_s=f"{meter.count / (time.perf_counter() - t0):,.0f}")
-        train_loss, train_acc = meter.read()
+        train_loss, train_acc = read_meter()
         seconds = time.perf_counter() - t0
         bar.close()
         if scheduler is not None and scheduler_interval == "epoch":

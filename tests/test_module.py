@@ -22,13 +22,14 @@ def test_sequential_is_indexable_and_runs_backward_in_reverse():
     assert len(model) == 3 and isinstance(model[1], ReLU) and isinstance(model[-1], Linear)
     assert isinstance(model[:2], Sequential) and len(model[:2]) == 2
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    y = model(x)
-    np.testing.assert_allclose(y, model[2](model[1](model[0](x))), rtol=1e-6)
+    by_hand = model[2](model[1](model[0](x)))
+    y = model(x)               # (a forward of the layers in between would replace their caches)
+    np.testing.assert_allclose(y, by_hand, rtol=1e-6)
     dx = model.backward(np.ones_like(y))
-    # reverse order by hand: the same numbers
+    # layer by layer by hand, backward in reverse order: the same numbers
     h = model[0].weight.grad.copy()
     model.zero_grad()
-    model(x)
+    model[2](model[1](model[0](x)))
     d = model[2].backward(np.ones_like(y))
     d = model[1].backward(d)
     np.testing.assert_allclose(model[0].backward(d), dx, rtol=1e-6)
@@ -228,19 +229,23 @@ def _in_given_order(model, x, dy):
     return x, g, [p.grad.copy() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("layers", [
-    lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)],
-    lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
-             MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
+@pytest.mark.parametrize("layers,fused", [
+    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], []),
+    (lambda: [Conv2d(2, 3, 3), ReLU(), Conv2d(3, 2, 3, bias=False), ReLU(), minicnn.Flatten()],
+     [Conv2d]),                                     # no bias: the second ReLU runs on its own
+    (lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
+              MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)], [Linear]),
 ])
-def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, float64):
-    """Sequential runs a ReLU before a max pool after it instead: outputs, input gradients and
-    parameter gradients must not change by a bit (float64), including windows whose values are
-    all negative (no gradient in either order) and overlapping windows."""
+def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, fused, float64):
+    """Sequential runs a ReLU before a max pool after it instead, and a ReLU after a Conv2d or
+    Linear with a bias inside that layer: outputs, input gradients and parameter gradients must
+    not change by a bit (float64), including windows whose values are all negative (no gradient
+    in either order) and overlapping windows."""
     minicnn.seed(4)
     model = Sequential(*layers())
-    plan = [type(m) for m in model._plan()]
+    plan = [type(m) for m, _ in model._plan()]
     assert all(not (a is ReLU and b is MaxPool2d) for a, b in zip(plan, plan[1:]))
+    assert [type(m) for m, relu in model._plan() if relu] == fused
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 2, 8, 8)) - 0.3            # many windows wholly negative
     out = model(x)

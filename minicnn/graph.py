@@ -1,0 +1,123 @@
+"""A training step recorded once as a CUDA graph and replayed: ``fit(..., cuda_graph=True)``.
+
+At batch 128 a step of the example network is about fifty small kernels, and Python needs
+several microseconds to launch each one: the GPU would wait for the host. A CUDA graph is the
+whole sequence recorded by the driver and started again with one launch. Recording runs the
+step's Python code once with the kernels captured instead of run, so whatever the step does on
+the host happens once only. That sets three rules, and this module keeps them:
+
+- Fixed addresses. A graph reads and writes the memory it was recorded with. Each batch is
+  copied into the same static input arrays before a replay, and every array the recorded step
+  allocates is kept for as long as the graph (``_KeepAll``), so the memory pool never lends that
+  memory to anything else. Parameters, gradients, optimizer state and the device-side loss and
+  accuracy sums are all updated in place.
+- Nothing read back inside the step. A step that waits for a device value cannot be recorded:
+  the cross-entropy's target check is deferred (``CrossEntropyLoss.check``) and the running loss
+  and accuracy are summed on the device (``train._Meter``).
+- Values that change from step to step are in device memory. The optimizer's step count and
+  learning rate go into a small device array that ``optimizer.prepare_step()`` rewrites before
+  each replay; its update kernel reads them from there (``Adam``/``AdamW`` on a GPU).
+
+Before recording, a few eager steps run on the capture stream so that kernels are compiled,
+cuBLAS has its workspace and the optimizer its state. Batches of another shape (the last one of
+an epoch) run eagerly, so the graph and eager paths train on exactly the same steps.
+"""
+from .backend import get_array_module
+
+
+class GraphStep:
+    """``step(x, y)`` runs ``prepare()`` on the host, then ``body(x, y)`` on the device.
+
+    ``body`` must run the whole step without reading anything back. The first ``warmup`` calls
+    run it eagerly; the next one records it as a graph (``recorder``, by default a CUDA graph
+    through CuPy) and every later call with batches of the same shape and dtype replays it.
+    """
+
+    def __init__(self, body, prepare, warmup=3, recorder=None):
+        self.body, self.prepare, self.warmup = body, prepare, warmup
+        self.recorder = recorder if recorder is not None else CudaRecorder()
+        self.replays = 0            # steps run by replaying the graph (for tests and reports)
+        self._calls = 0
+        self._graph = self._x = self._y = None
+
+    def __call__(self, x, y):
+        self.prepare()
+        if self._x is not None and (x.shape, x.dtype, y.shape) != (self._x.shape, self._x.dtype,
+                                                                  self._y.shape):
+            self.body(x, y)                             # another shape: eager, as without a graph
+            return
+        if self._x is None:
+            xp = get_array_module(x)
+            self._x, self._y = xp.empty_like(x), xp.empty_like(y)
+        self._x[...] = x
+        self._y[...] = y
+        if self._graph is None and self._calls < self.warmup:
+            self._calls += 1
+            self.recorder.warm(lambda: self.body(self._x, self._y))
+            return
+        if self._graph is None:
+            self._graph = self.recorder.record(lambda: self.body(self._x, self._y))
+        self._graph.launch()
+        self.replays += 1
+
+
+class CudaRecorder:
+    """Records with CuPy's stream capture on a stream of its own; the graph replays on the
+    current stream, so it runs in order with the batch copies before it."""
+
+    def __init__(self):
+        import cupy
+        self._cupy = cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.kept = None
+
+    def _on_stream(self, fn, allocator=None):
+        cupy = self._cupy
+        here = cupy.cuda.get_current_stream()
+        self.stream.wait_event(here.record())       # the static inputs are written on ``here``
+        with self.stream:
+            if allocator is None:
+                result = fn()
+            else:
+                with cupy.cuda.using_allocator(allocator):
+                    result = fn()
+        here.wait_event(self.stream.record())
+        return result
+
+    def warm(self, fn):
+        self._on_stream(fn)
+
+    def record(self, fn):
+        self.kept = _KeepAll(self._cupy.get_default_memory_pool())
+
+        def capture():
+            self.stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = self.stream.end_capture()
+            return graph
+        graph = self._on_stream(capture, allocator=self.kept.malloc)
+        return _Launch(graph, self._cupy)
+
+
+class _Launch:
+    def __init__(self, graph, cupy):
+        self._graph, self._cupy = graph, cupy
+
+    def launch(self):
+        self._graph.launch(stream=self._cupy.cuda.get_current_stream())
+
+
+class _KeepAll:
+    """An allocator that takes memory from the pool and never gives it back while it lives: the
+    arrays a recorded step frees would otherwise be lent to other work, and each replay would
+    write over it."""
+
+    def __init__(self, pool):
+        self._pool, self.blocks = pool, []
+
+    def malloc(self, size):
+        block = self._pool.malloc(size)
+        self.blocks.append(block)
+        return block
