@@ -22,12 +22,13 @@ MAX_BLOCKS = 65535          # kernels loop (grid-stride), so a capped grid still
 
 # C type of each kernel scalar argument -> NumPy type it is passed as
 _SCALARS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
-            "float": np.float32, "double": np.float64}
+            "unsigned long long": np.uint64, "float": np.float32, "double": np.float64}
 # element type per dtype: (scalar_t, acc_t)
 _TYPES = {np.dtype(np.float32): ("float", "float"), np.dtype(np.float64): ("double", "double")}
 
 _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
-_POINTER = re.compile(r"^(const\s+)?(\w+)\s*\*\s*(?:__restrict__\s+)?(\w+)$")
+_POINTER = re.compile(r"^(const\s+)?((?:unsigned\s+|long\s+)*\w+)\s*\*\s*"
+                      r"(?:__restrict__\s+)?(\w+)$")
 _VALUE = re.compile(r"^(?:const\s+)?((?:unsigned\s+|long\s+)*\w+)\s+(\w+)$")
 
 
@@ -77,7 +78,8 @@ def compile_options(dtype):
 def parse_signatures(source):
     """{kernel name: [(kind, C type, arg name), ...]} of every ``extern "C" __global__`` kernel.
 
-    kind is "in" (a const pointer), "out" (a pointer the kernel writes) or "value".
+    kind is "in" (a const pointer), "out" (a pointer the kernel writes) or "value" (a scalar of
+    a type in ``_SCALARS``, or ``scalar_t``: passed in the module's element type).
     """
     kernels = {}
     for name, params in _SIGNATURE.findall(source):
@@ -87,7 +89,7 @@ def parse_signatures(source):
             pointer, value = _POINTER.match(raw), _VALUE.match(raw)
             if pointer:
                 args.append(("in" if pointer.group(1) else "out", pointer.group(2), pointer.group(3)))
-            elif value and value.group(1) in _SCALARS:
+            elif value and (value.group(1) in _SCALARS or value.group(1) == "scalar_t"):
                 args.append(("value", value.group(1), value.group(2)))
             else:
                 raise ValueError(f"kernel {name}: cannot read the parameter {raw!r}")
@@ -142,7 +144,8 @@ class Launcher:
         for (kind, ctype, argname), value in zip(sig, args):
             where = f"{file}:{name} argument {argname}"
             if kind == "value":
-                converted.append(_SCALARS[ctype](value))
+                cast = np.dtype(dtype).type if ctype == "scalar_t" else _SCALARS[ctype]
+                converted.append(cast(value))
                 continue
             if ctype != "scalar_t" and ctype not in _SCALARS:
                 raise TypeError(f"{where}: unsupported pointer type {ctype}*")

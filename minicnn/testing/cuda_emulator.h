@@ -38,6 +38,11 @@ constexpr int warpSize = 32;
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 
+// Products rounded on their own, which nvcc never fuses into an fma (the emulator compiles with
+// -ffp-contract=off, so g++ fuses nothing anyway).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+
 // Block-cooperative features need threads that run together; this emulator runs them in turn.
 #define __syncthreads() \
     static_assert(false, "minicnn emulator: __syncthreads() is not supported (threads run in turn)")

@@ -47,8 +47,10 @@ GUARD = 64                  # elements of guard zone on each side of every array
 
 # C type of a scalar kernel parameter -> ctypes type it is passed as
 _CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "unsigned int": ctypes.c_uint,
-           "float": ctypes.c_float, "double": ctypes.c_double}
-_INT_POINTERS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32}
+           "unsigned long long": ctypes.c_ulonglong, "float": ctypes.c_float,
+           "double": ctypes.c_double}
+_INT_POINTERS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
+                 "unsigned long long": np.uint64}
 
 
 class EmulatorError(RuntimeError):
@@ -161,7 +163,8 @@ def build(file, dtype):
     options = cuda.compile_options(dtype)
     wrappers = wrapper_source(cuda.parse_signatures(source))
     cxx = _compiler()
-    flags = ["-O1", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden",
+    # -ffp-contract=off: a*b + c rounds twice, as NumPy computes it, on every CPU (aarch64 has fma)
+    flags = ["-O1", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off",
              "-include", str(HEADER), *options]
     key = hashlib.sha256("\0".join([source, HEADER.read_text(), wrappers, " ".join(cxx + flags),
                                     _compiler_version(tuple(cxx))]).encode()).hexdigest()[:20]
@@ -218,11 +221,17 @@ class EmulatedKernel:
         self._fn = getattr(module._lib, f"emu_{name}")
         self._fn.restype = None
         self._fn.argtypes = ([ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
-                             + [ctypes.c_void_p if kind != "value" else _CTYPES[ctype]
+                             + [ctypes.c_void_p if kind != "value" else self._value_type(ctype)
                                 for kind, ctype, _ in self.signature])
 
     def _where(self, argname):
         return f"{self.module.file}:{self.name} argument {argname}"
+
+    def _value_type(self, ctype):
+        """ctypes type of a scalar parameter; ``scalar_t`` is the module's element type."""
+        if ctype == "scalar_t":
+            ctype = "float" if self.module.dtype == np.float32 else "double"
+        return _CTYPES[ctype]
 
     def _array_type(self, ctype):
         if ctype == "scalar_t":
@@ -239,8 +248,9 @@ class EmulatedKernel:
         c_args, buffers = [], []          # buffers: (argname, kind, original array, guarded copy)
         for (kind, ctype, argname), value in zip(self.signature, args):
             if kind == "value":
-                c_args.append(_CTYPES[ctype](float(value) if ctype in ("float", "double")
-                                             else int(value)))
+                c_type = self._value_type(ctype)
+                c_args.append(c_type(float(value) if c_type in (ctypes.c_float, ctypes.c_double)
+                                     else int(value)))
                 continue
             want = self._array_type(ctype)
             if not isinstance(value, np.ndarray):
