@@ -1,6 +1,9 @@
 """Loss functions: forward returns a 0-d array that stays on the device, backward returns
-d(loss)/d(input). Checking that the targets are valid class indices reads one flag back, which on
-a GPU is a host sync per call."""
+d(loss)/d(input). On a GPU nothing is read back: the check that the targets are class indices is
+a device flag, raised by ``check()`` (see there)."""
+import numpy as np
+
+from . import fused
 from .backend import get_array_module
 from .module import ShapeError
 
@@ -19,6 +22,7 @@ class CrossEntropyLoss:
                              f"got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
         self._cache = None
+        self._invalid = None      # GPU: a device flag set by the loss kernel, read by check()
 
     def __call__(self, logits, targets):
         return self.forward(logits, targets)
@@ -34,33 +38,37 @@ class CrossEntropyLoss:
                              f"{tuple(logits.shape)}, got {getattr(targets, 'shape', type(targets).__name__)}")
         if targets.dtype.kind not in "iu":
             raise TypeError(f"CrossEntropyLoss: expected integer class indices, got dtype {targets.dtype}")
-        if bool(((targets < 0) | (targets >= K)).any()):
-            bad = targets[(targets < 0) | (targets >= K)]
-            raise ValueError(f"CrossEntropyLoss: targets must be class indices in [0, {K}), "
-                             f"got {bad[:5].tolist()}")
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))           # B, K
-        rows = xp.arange(B)
-        nll = -logp[rows, targets]                                          # B
-        e = self.label_smoothing
-        per_sample = (1 - e) * nll - e * logp.mean(axis=1) if e else nll
-        self._cache = (logp, targets)
+        per_sample, grad, _, invalid = fused.softmax_cross_entropy(logits, targets,
+                                                                   self.label_smoothing)
+        if xp is np:
+            if invalid[0]:
+                bad = targets[(targets < 0) | (targets >= K)]
+                raise ValueError(f"CrossEntropyLoss: targets must be class indices in [0, {K}), "
+                                 f"got {bad[:5].tolist()}")
+        elif self._invalid is None or get_array_module(self._invalid) is not xp:
+            self._invalid = invalid
+        else:        # in place: a recorded CUDA graph keeps adding to the same flag
+            xp.maximum(self._invalid, invalid, out=self._invalid)
+        self._cache = grad
         return per_sample.mean(keepdims=True).reshape(())
 
     def backward(self):
-        """d(mean loss)/d(logits), (B, K)."""
+        """d(mean loss)/d(logits), (B, K) = (softmax - target) / B, computed with the loss."""
         if self._cache is None:
             raise RuntimeError("CrossEntropyLoss.backward called before the loss was computed")
-        (logp, targets), self._cache = self._cache, None
-        xp = get_array_module(logp)
-        B, K = logp.shape
-        grad = xp.exp(logp)
-        e = self.label_smoothing
-        if e:
-            grad -= e / K
-        grad[xp.arange(B), targets] -= 1 - e
-        grad /= B
+        grad, self._cache = self._cache, None
         return grad
+
+    def check(self):
+        """Raise ValueError if targets out of range reached this loss on a GPU since the last
+        check, and clear the flag. The GPU path cannot stop at the bad batch without waiting for
+        the device at every step; ``fit`` calls this whenever it reads the running loss. On the
+        CPU the loss raises at once and this does nothing."""
+        if self._invalid is not None and bool(self._invalid[0]):
+            self._invalid[...] = 0
+            raise ValueError("CrossEntropyLoss: targets must be class indices in [0, K) for K "
+                             "classes, but a batch since the last check had others (their loss "
+                             "and gradient rows are NaN)")
 
     def __repr__(self):
         return f"CrossEntropyLoss(label_smoothing={self.label_smoothing})"

@@ -7,11 +7,11 @@ Hyper-parameters are plain attributes (``opt.lr``, ``opt.momentum``, ``opt.betas
 schedulers change between steps; per-parameter buffers live in ``opt.state[i]`` and are made on
 the first step, on the parameter's device, and follow the parameters when the model moves.
 """
-import math
 import numbers
 
 import numpy as np
 
+from . import fused
 from .backend import device_of, get_array_module, to_device, to_numpy
 from .module import Module, Parameter
 
@@ -233,13 +233,20 @@ class Adam(Optimizer):
         m  = beta1*m + (1 - beta1)*g
         v  = beta2*v + (1 - beta2)*g*g
         p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    One call updates every parameter (``fused.adam_multi_tensor``: a NumPy loop on the CPU, one
+    kernel launch on a GPU). The constants of step t are written by ``prepare_step`` into a small
+    array on the parameters' device that the update reads, so a recorded CUDA graph of the
+    update follows the step count and a scheduler's learning rate (``capturable``).
     """
 
     _buffer_names = ("exp_avg", "exp_avg_sq")
     _decoupled = False
+    capturable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._hyper = self._table = None
 
     def _checked_hyper(self, hyper):
         owner = type(self).__name__
@@ -251,36 +258,32 @@ class Adam(Optimizer):
                              for j, b in enumerate(betas))
         return out
 
-    def step(self):
+    def prepare_step(self):
+        """Count the step and write its constants into the device array the update reads (in
+        place: a recorded graph keeps reading the same memory)."""
+        super().prepare_step()
+        data = self.params[0].data
+        xp = get_array_module(data)
+        hyper = self._hyper
+        if hyper is None or get_array_module(hyper) is not xp or hyper.dtype != data.dtype:
+            hyper = None
+        self._hyper = fused.adam_hyper(self.lr, self.betas, self.eps, self.weight_decay,
+                                       self.step_count, self._decoupled, xp, data.dtype, out=hyper)
+
+    def apply_step(self):
         """One Adam (or AdamW) update of every parameter with ``requires_grad``."""
-        self.step_count += 1
-        t = self.step_count
-        lr, (b1, b2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
-        step_size = lr / (1 - b1 ** t)
-        bias2_sqrt = math.sqrt(1 - b2 ** t)
-        for i, p in self._trainable():
-            xp = get_array_module(p.data)
-            m, v = self._zeros(i, "exp_avg"), self._zeros(i, "exp_avg_sq")
-            tmp = self._tmp(i)
-            g = p.grad
-            if wd and self._decoupled:
-                p.data *= 1 - lr * wd
-            elif wd:
-                g = xp.multiply(p.data, wd, out=self._tmp(i, 1))
-                g += p.grad
-            # m += (1 - b1)*(g - m): torch's lerp, the same value as b1*m + (1 - b1)*g
-            xp.subtract(g, m, out=tmp)
-            tmp *= 1 - b1
-            m += tmp
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1 - b2
-            v *= b2
-            v += tmp
-            xp.sqrt(v, out=tmp)
-            tmp /= bias2_sqrt
-            tmp += eps
-            xp.divide(m, tmp, out=tmp)
-            _sub_scaled(p.data, step_size, tmp, tmp)
+        trainable = list(self._trainable())
+        if not trainable:
+            return
+        lists = ([p.data for _, p in trainable], [p.grad for _, p in trainable],
+                 [self._zeros(i, "exp_avg") for i, _ in trainable],
+                 [self._zeros(i, "exp_avg_sq") for i, _ in trainable])
+        table = None
+        if get_array_module(self._hyper) is not np:       # the kernel's table of addresses
+            if self._table is None or not self._table.matches(*lists):
+                self._table = fused.TensorTable(*lists)
+            table = self._table
+        fused.adam_multi_tensor(*lists, self._hyper, table)
 
 
 class AdamW(Adam):

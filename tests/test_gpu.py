@@ -153,3 +153,70 @@ def test_optimizer_state_follows_a_model_moved_after_it_was_made():
         runs.append([minicnn.to_numpy(p.data) for p in model.parameters()])
     for a, b in zip(*runs):
         _close(a, b, 1e-12)
+
+
+def _fit(cuda_graph, epochs=2):
+    """Two epochs on 1,000 bundled images at batch 128 (7 full batches and one of 104, which
+    runs eagerly), OneCycleLR changing the learning rate every step."""
+    minicnn.seed(5)
+    model = mnist_cnn().to("cuda")
+    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    data = minicnn.mnist_sample(train=False)
+    loader = minicnn.DataLoader(data, batch_size=128, shuffle=True, device="cuda")
+    sched = minicnn.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * len(loader))
+    history = minicnn.fit(model, minicnn.CrossEntropyLoss(), opt, loader, epochs=epochs,
+                          scheduler=sched, scheduler_interval="batch", progress=False,
+                          verbose=False, cuda_graph=cuda_graph)
+    return [minicnn.to_numpy(p.data) for p in model.parameters()], history
+
+
+def test_cuda_graph_gives_the_parameters_of_the_eager_path():
+    """The recorded step replays the very kernels of the eager step on the same memory, so the
+    parameters after the same steps are bit-identical, and so are the epoch metrics."""
+    (eager, eager_hist), (graphed, graph_hist) = _fit(False), _fit(True)
+    for a, b in zip(eager, graphed):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(eager_hist.epochs, graph_hist.epochs):
+        assert (a["train_loss"], a["train_accuracy"]) == (b["train_loss"], b["train_accuracy"])
+
+
+def test_cuda_graph_step_is_replayed():
+    import cupy
+    from minicnn.graph import GraphStep
+    calls = []
+    step = GraphStep(lambda x, y: calls.append(1) or x.__imul__(2), lambda: None, warmup=1)
+    x = cupy.ones(4, dtype=cupy.float32)
+    for _ in range(4):
+        step(x, x)
+    assert len(calls) == 2 and step.replays == 2       # warm-up, record; then replays only
+    np.testing.assert_array_equal(step._x.get(), np.full(4, 2, np.float32))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_fused_kernels_match_the_cpu(dtype, tol):
+    from minicnn import fused
+    rng = np.random.default_rng(9)
+    y, bias = rng.standard_normal((37, 5)).astype(dtype), rng.standard_normal(5).astype(dtype)
+    _close(fused.bias_relu(minicnn.to_device(y, "cuda"), minicnn.to_device(bias, "cuda")),
+           fused.bias_relu(y.copy(), bias), tol)
+    logits, t = rng.standard_normal((33, 10)).astype(dtype), rng.integers(0, 10, 33)
+    for got, want in zip(fused.softmax_cross_entropy(minicnn.to_device(logits, "cuda"),
+                                                     minicnn.to_device(t, "cuda"), 0.1),
+                         fused.softmax_cross_entropy(logits, t, 0.1)):
+        _close(got, want, tol)
+
+
+def test_tf32_switch_changes_float32_products_only_when_asked():
+    import cupy
+    a = cupy.asarray(np.random.default_rng(4).standard_normal((256, 256)).astype(np.float32))
+    exact = a.astype(cupy.float64) @ a.astype(cupy.float64)
+    err = lambda: float(cupy.abs(a @ a - exact).max() / cupy.abs(exact).max())   # noqa: E731
+    assert err() < 1e-5                                     # off by default: float32 products
+    if int(cupy.cuda.Device().compute_capability) < 80:        # e.g. "90" on an H100
+        pytest.skip("TF32 needs an Ampere or newer GPU")
+    try:
+        minicnn.backend.allow_tf32(True)
+        assert 1e-5 < err() < 1e-2                          # 10-bit mantissas: about 1e-3
+    finally:
+        minicnn.backend.allow_tf32(False)
+    assert err() < 1e-5

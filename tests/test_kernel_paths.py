@@ -2,14 +2,15 @@
 minus cuBLAS and CuPy, checked on a machine without one.
 
 Each ``ops.*_kernel`` function (allocation, geometry, argument order, int32 argmax) is compared
-with its NumPy op, and then the example network trains with every im2col/col2im/pooling call
-routed through the emulated kernels and is compared with the NumPy run: float64, 1e-12.
+with its NumPy op, and then the example network trains with every call of a kernel of kernels/
+(im2col, pooling, the fused bias+ReLU, loss and Adam) routed through the emulator and is compared
+with the NumPy run: float64, 1e-12.
 """
 import numpy as np
 import pytest
 
 import minicnn
-from minicnn import ops
+from minicnn import fused, ops
 from minicnn.models import mnist_cnn
 from minicnn.testing import emulator
 
@@ -58,11 +59,15 @@ class _KernelNumpy:
         return getattr(np, name)
 
 
-def _train(steps, through_kernels, monkeypatch):
+def _train(steps, through_kernels, monkeypatch, launched=None):
+    def launch(file, name, *args):
+        launched.add(name)
+        emulator.launch(file, name, *args)
     with monkeypatch.context() as m:
         if through_kernels:
             m.setattr(ops, "get_array_module", lambda a: _KernelNumpy())
-            m.setattr(ops.cuda, "launch", emulator.launch)
+            m.setattr(fused, "get_array_module", lambda a: _KernelNumpy())
+            m.setattr(ops.cuda, "launch", launch)
         minicnn.set_default_dtype(np.float64)
         minicnn.seed(1)
         model = mnist_cnn()
@@ -79,5 +84,30 @@ def _train(steps, through_kernels, monkeypatch):
 
 
 def test_training_through_the_emulated_kernels_matches_numpy(monkeypatch):
-    for a, b in zip(_train(3, True, monkeypatch), _train(3, False, monkeypatch)):
+    """Every kernel the GPU step launches, except cuBLAS's products and CuPy's own elementwise
+    work, runs emulated: the parameters after 3 steps equal the NumPy run's (float64)."""
+    launched = set()
+    for a, b in zip(_train(3, True, monkeypatch, launched), _train(3, False, monkeypatch)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert launched == {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
+                        "bias_relu_forward", "relu_backward", "softmax_cross_entropy",
+                        "adam_multi_tensor"}
+
+
+def test_loss_on_the_kernel_path_defers_the_target_check(monkeypatch):
+    """On a GPU the loss reads nothing back: a bad target leaves NaN and a device flag that
+    ``check()`` raises on (once: it clears the flag)."""
+    from minicnn import losses
+    kernel_numpy = _KernelNumpy()                 # one module, as cupy is
+    monkeypatch.setattr(losses, "get_array_module", lambda a: kernel_numpy)
+    monkeypatch.setattr(fused, "get_array_module", lambda a: kernel_numpy)
+    monkeypatch.setattr(fused.cuda, "launch", emulator.launch)
+    loss_fn = minicnn.CrossEntropyLoss()
+    logits = np.random.default_rng(2).standard_normal((4, 3))
+    loss_fn(logits, np.array([0, 1, 2, 1]))
+    loss_fn.check()                                           # nothing wrong yet
+    assert np.isnan(loss_fn(logits, np.array([0, 3, 2, 1])))  # no exception here...
+    loss_fn(logits, np.array([0, 1, 2, 1]))                   # ...and the flag stays set
+    with pytest.raises(ValueError, match=r"class indices in \[0, K\)"):
+        loss_fn.check()
+    loss_fn.check()
