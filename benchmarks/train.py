@@ -6,7 +6,8 @@
 
 One training step = forward, cross-entropy, backward, Adam(1e-3) update, on the same random
 MNIST-shaped batch for both frameworks (the work does not depend on the values), fp32 on both.
-On a GPU, PyTorch runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate row);
+On a GPU, minicnn runs eagerly and again as a recorded CUDA graph (``minicnn.graph``), and PyTorch
+runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate column);
 the timer synchronises the device before reading the clock. Warm-up steps are excluded; each
 figure is the median over ``--repeats`` of the rate of ``--steps`` steps, the frameworks taking
 turns so that a slow spell of the machine hits all of them.
@@ -73,17 +74,27 @@ def minicnn_model(device):
     return mnist_cnn().to(device)
 
 
-def minicnn_step(x, y, device):
+def minicnn_step(x, y, device, graph=False):
+    """A training step of minicnn on (x, y); with ``graph``, recorded once as a CUDA graph and
+    replayed (``fit(cuda_graph=True)``)."""
     model = minicnn_model(device)
     loss_fn = minicnn.CrossEntropyLoss()
     opt = minicnn.Adam(model.parameters(), lr=1e-3)
     x, y = minicnn.to_device(x, device), minicnn.to_device(y, device)
 
-    def step():
-        loss_fn(model(x), y)
+    def body(xs, ys):
+        loss_fn(model(xs), ys)
         opt.zero_grad()
         model.backward(loss_fn.backward(), input_grad=False)   # the data needs no gradient
-        opt.step()
+        opt.apply_step()
+    if graph:
+        from minicnn.graph import GraphStep
+        recorded = GraphStep(body, opt.prepare_step)
+        return lambda: recorded(x, y)
+
+    def step():
+        opt.prepare_step()
+        body(x, y)
     return step
 
 
@@ -191,27 +202,32 @@ def main(argv=None):
     print(", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"training step of the example network, fp32, Adam; median of {args.repeats} x "
           f"{args.steps} steps")
-    print(f"{'batch':>6} {'minicnn img/s':>14} {'PyTorch img/s':>14} {'ratio':>7}"
-          + (f" {'PyTorch TF32':>13} {'ratio':>7}" if device == "cuda" and have_torch else ""))
+    names = {"minicnn": "minicnn", "minicnn_graph": "minicnn graph", "torch": "PyTorch",
+             "torch_tf32": "PyTorch TF32"}
     rng = np.random.default_rng(0)
     results = []
     for batch in args.batch_sizes:
         x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
         y = rng.integers(0, 10, batch)
         steps = {"minicnn": minicnn_step(x, y, device)}
+        if device == "cuda":
+            steps["minicnn_graph"] = minicnn_step(x, y, device, graph=True)
         if have_torch:
             steps["torch"] = torch_step(x, y, device)
             if device == "cuda":
                 steps["torch_tf32"] = torch_step(x, y, device, tf32=True)
         rate = median_rates(steps, batch, args.steps, args.repeats, sync)
         results.append({"batch": batch, **{f"{k}_images_per_s": v for k, v in rate.items()}})
-        line = f"{batch:>6} {rate['minicnn']:>14,.0f}"
+        if batch == args.batch_sizes[0]:
+            header = f"{'batch':>6}" + "".join(f" {names[k] + ' img/s':>19}" for k in rate)
+            if have_torch:
+                header += "".join(f" {names[k] + ' / PyTorch':>24}" for k in rate
+                                  if k.startswith("minicnn"))
+            print(header)
+        line = f"{batch:>6}" + "".join(f" {v:>19,.0f}" for v in rate.values())
         if have_torch:
-            line += f" {rate['torch']:>14,.0f} {rate['minicnn'] / rate['torch']:>6.2f}x"
-            if "torch_tf32" in rate:
-                line += f" {rate['torch_tf32']:>13,.0f} {rate['minicnn'] / rate['torch_tf32']:>6.2f}x"
-        else:
-            line += f" {'-':>14} {'-':>7}"
+            line += "".join(f" {v / rate['torch']:>23.2f}x" for k, v in rate.items()
+                            if k.startswith("minicnn"))
         print(line, flush=True)
 
     layers = None

@@ -2,6 +2,7 @@
 
     python examples/mnist.py --epochs 1            # CPU, full MNIST (downloaded once if needed)
     python examples/mnist.py --device auto --save mnist.npz
+    python examples/mnist.py --device cuda --batch-size 128 --cuda-graph   # one launch per step
 
 Network: conv(1->32, 3x3), ReLU, maxpool 2, conv(32->64, 3x3), ReLU, maxpool 2, fc(1600->128),
 ReLU, fc(128->10); Adam(1e-3), batch 64. With no MNIST on disk and no network, it says so and
@@ -39,9 +40,17 @@ def main(argv=None):
     ap.add_argument("--save", default=None, metavar="PATH",
                     help="write a checkpoint (.npz, with optimizer state) after every epoch")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="record the training step as a CUDA graph and replay it (GPU only)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="let float32 products use TF32 tensor cores (GPU only; off by default)")
     args = ap.parse_args(argv)
 
     dev = minicnn.device(args.device)
+    if (args.cuda_graph or args.tf32) and dev != "cuda":
+        ap.error(f"--cuda-graph and --tf32 need a GPU, but the device is {dev}")
+    if args.tf32:
+        minicnn.backend.allow_tf32(True)
     minicnn.seed(args.seed)
     train_set, test_set = load_data(args.data_dir)
     train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, device=dev)
@@ -57,7 +66,8 @@ def main(argv=None):
                      metadata={"epoch": row["epoch"], "test_accuracy": row["val_accuracy"]})
 
     history = minicnn.fit(model, loss_fn, optimizer, train, epochs=args.epochs, val_loader=test,
-                          progress=not args.no_progress, on_epoch_end=save if args.save else None)
+                          progress=not args.no_progress, on_epoch_end=save if args.save else None,
+                          cuda_graph=args.cuda_graph)
     return history
 
 

@@ -16,6 +16,8 @@
 //     in ascending k and only a strictly greater value replaces the best, so the first maximum
 //     wins ties; a NaN becomes y but does not move argmax. This matches the NumPy running max.
 //     (The caller keeps ph <= kh/2 and pw <= kw/2, so every window holds a real value.)
+//     relu != 0: a ReLU after the pool, folded in. The best starts at 0 with no offset, so
+//     y = max(0, window) and argmax = -1 where no value beats 0 (the backward sends nothing).
 //   avgpool2d_forward: y = sum of the window over the zero-padded input / (kh*kw)
 //     (padding counts: count_include_pad=True).
 // Backward kernels: gathers, one thread per input element, idx = ((b*C + c)*H + h)*W + w. The
@@ -39,7 +41,8 @@
 extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ y, int* __restrict__ argmax,
                                              int B, int C, int H, int W, int kh, int kw,
-                                             int sh, int sw, int ph, int pw, int OH, int OW) {
+                                             int sh, int sw, int ph, int pw, int OH, int OW,
+                                             int relu) {
     const long long total = (long long)B * C * OH * OW;               // elements of y
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
@@ -49,7 +52,8 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
         const long long bc = idx / ((long long)OH * OW);
         const scalar_t* plane = x + bc * H * W;                       // x[b, c], (H, W)
         scalar_t best = 0;
-        int arg = -1;                                                 // -1: no value seen yet
+        bool seen = relu != 0;          // with the ReLU, 0 is the value to beat, held by no offset
+        int arg = -1;
         for (int i = 0; i < kh; ++i) {
             const int h = oh * sh - ph + i;
             if (h < 0 || h >= H) continue;                            // padding row
@@ -57,16 +61,17 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;                        // padding column
                 const scalar_t v = plane[(long long)h * W + w];
-                if (arg < 0 || v > best) {        // strictly greater: the first maximum wins
+                if (!seen || v > best) {          // strictly greater: the first maximum wins
                     best = v;
                     arg = i * kw + j;
+                    seen = true;
                 } else if (v != v) {              // NaN: propagates into y, argmax stays
                     best = v;
                 }
             }
         }
         y[idx] = best;
-        argmax[idx] = arg < 0 ? 0 : arg;
+        argmax[idx] = arg;
     }
 }
 

@@ -40,6 +40,14 @@ def _bias_then_relu(layer, y, relu):
     return y
 
 
+class _Affine(Module):
+    """What Conv2d and Linear share: a ReLU that follows can be applied with the bias."""
+
+    @property
+    def fuses_relu(self):
+        return self.bias is not None
+
+
 def check_input(layer, x, ndim, what):
     """Raise unless ``x`` is a floating array of rank ``ndim`` on the layer's device."""
     name = type(layer).__name__
@@ -70,14 +78,12 @@ def _spatial_out(layer, in_shape, kernel, stride, pad, channels=None):
     return tuple(size)
 
 
-class Conv2d(Module):
+class Conv2d(_Affine):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
     ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass.
     """
-
-    fuses_relu = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         name = "Conv2d"
@@ -150,11 +156,9 @@ class Conv2d(Module):
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
-class Linear(Module):
+class Linear(_Affine):
     """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in).
     ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass."""
-
-    fuses_relu = True
 
     def __init__(self, in_features, out_features, bias=True):
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
@@ -223,12 +227,15 @@ class MaxPool2d(_Pool2d):
     """Max over each window; the first maximum wins ties; padding never wins.
 
     x (B,C,H,W) -> y (B,C,OH,OW). Backward routes dy to the recorded winners.
+    ``forward(x, relu=True)`` gives relu(max) in the same pass, for free.
     """
+
+    fuses_relu = True
 
     def forward(self, x, relu=False):
         check_input(self, x, 4, "(B, C, H, W)")
         self.output_shape(x.shape)
-        y, argmax = ops.maxpool2d(x, *self.kernel_size, self.stride, self.padding)
+        y, argmax = ops.maxpool2d(x, *self.kernel_size, self.stride, self.padding, relu)
         if self.training:
             self._cache = (argmax, x.shape)
         return y
@@ -245,7 +252,7 @@ class AvgPool2d(_Pool2d):
     x (B,C,H,W) -> y (B,C,OH,OW).
     """
 
-    def forward(self, x, relu=False):
+    def forward(self, x):
         check_input(self, x, 4, "(B, C, H, W)")
         self.output_shape(x.shape)
         if self.training:

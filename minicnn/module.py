@@ -303,10 +303,12 @@ class Sequential(Module):
 
         - a ReLU directly before a MaxPool2d runs after it. ReLU never decreases, so
           relu(max(a, b)) equals max(relu(a), relu(b)); where a window's maximum is <= 0 both
-          orders pass no gradient, elsewhere they pick the same winner. After a 2x2 pool the
-          ReLU touches a quarter of the values;
-        - a ReLU right after a layer that can apply it with its bias (``fuses_relu``: Conv2d,
-          Linear) is done there, in one pass (``fuse_relu`` True), and not run on its own.
+          orders pass no gradient, elsewhere they pick the same winner;
+        - a ReLU right after a layer that can apply it in its own pass (``fuses_relu``: a
+          MaxPool2d, whose running maximum then starts at 0, or a Conv2d or Linear with a
+          bias, in the bias's pass) is done there (``fuse_relu`` True), not on its own.
+
+        So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward.
         """
         from .layers import MaxPool2d, ReLU        # layers.py builds on this module
         order = self._layers()
@@ -316,8 +318,7 @@ class Sequential(Module):
         plan = []
         for layer in order:
             if (type(layer) is ReLU and plan and not plan[-1][1]
-                    and getattr(plan[-1][0], "fuses_relu", False)
-                    and plan[-1][0].bias is not None):
+                    and getattr(plan[-1][0], "fuses_relu", False)):
                 plan[-1] = (plan[-1][0], True)
             else:
                 plan.append((layer, False))

@@ -201,31 +201,38 @@ def relu_backward(dy, mask):
     return dx
 
 
-def maxpool2d(x, kh, kw, stride, pad):
+def maxpool2d(x, kh, kw, stride, pad, relu=False):
     """Max over each window; padding is -inf so it never wins; the first maximum wins ties.
 
     x (B,C,H,W) -> y (B,C,OH,OW) and argmax (B,C,OH,OW), the offset i*kw + j of the winner inside
-    its window, in the smallest unsigned type that holds kh*kw - 1 (uint8 for kernels up to 16x16).
+    its window, in the smallest signed type that holds kh*kw (int8 for kernels up to 11x11).
     A running maximum over the kh*kw offsets: no window is ever copied.
+
+    ``relu=True`` gives relu(max(window)) = max(0, window) by starting the running maximum at 0
+    instead of at the first offset: a ReLU after the pool for free. Where no value beats 0 the
+    argmax is -1, and backward sends nothing, as the ReLU's backward would.
     """
     if get_array_module(x) is not np:
-        return maxpool2d_kernel(x, kh, kw, stride, pad)
+        return maxpool2d_kernel(x, kh, kw, stride, pad, relu)
     win = _windows(_pad(x, pad, -np.inf), kh, kw, stride)
-    index_type = np.min_scalar_type(kh * kw - 1)
-    y = np.copy(win[..., 0, 0], order="K")
-    argmax = np.zeros_like(y, dtype=index_type)
+    index_type = np.result_type(np.int8, np.min_scalar_type(kh * kw))
+    first = win[..., 0, 0]
+    y = np.zeros_like(first) if relu else np.copy(first, order="K")
+    # The running argmax holds winner + 1, 0 for none yet: offsets only grow, so a maximum with
+    # (k + 1) where offset k wins puts it exactly there (far cheaper than a masked copy).
+    argmax = np.full_like(y, 0 if relu else 1, dtype=index_type)
     better = np.empty_like(y, dtype=bool)
     offset = np.empty_like(argmax)
 
     def run(lo, hi):
         ys, am, bt, off = y[lo:hi], argmax[lo:hi], better[lo:hi], offset[lo:hi]
-        for k in range(1, kh * kw):
+        for k in range(0 if relu else 1, kh * kw):
             v = win[lo:hi, ..., k // kw, k % kw]
             np.greater(v, ys, out=bt)             # strictly greater: an equal later value loses
             np.maximum(ys, v, out=ys)             # NaN propagates into y
-            # k exceeds every earlier offset, so a max puts k exactly where this offset won
-            np.multiply(bt, index_type.type(k), out=off)
+            np.multiply(bt, index_type.type(k + 1), out=off)
             np.maximum(am, off, out=am)
+        am -= 1
     over_batch(run, x.shape[0], win.size)
     return y, argmax
 
@@ -291,13 +298,13 @@ def col2im_kernel(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), launch=None)
     return x
 
 
-def maxpool2d_kernel(x, kh, kw, stride, pad, launch=None):
+def maxpool2d_kernel(x, kh, kw, stride, pad, relu=False, launch=None):
     """Max pooling by kernels/pool.cu: x (B,C,H,W) -> y, argmax (B,C,OH,OW), argmax int32."""
     xp = get_array_module(x)
     g = _geometry(x.shape, kh, kw, stride, pad)
     shape = x.shape[:2] + g[10:]
     y, argmax = xp.empty(shape, dtype=x.dtype), xp.empty(shape, dtype=np.int32)
-    (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g)
+    (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, int(relu))
     return y, argmax
 
 

@@ -165,20 +165,20 @@ def run_col2im(shape, dtype, launch=emulator.launch, seed=1):
     return x, ops.col2im(cols, (B, C, H, W), kh, kw, (sh, sw), (ph, pw))
 
 
-def run_maxpool_forward(shape, dtype, launch=emulator.launch, seed=2):
+def run_maxpool_forward(shape, dtype, launch=emulator.launch, seed=2, relu=False):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     x = unique_signed(np.random.default_rng(seed), (B, C, H, W), dtype)
     g = geometry(shape)
-    y, argmax = poisoned((B, C, g[10], g[11]), dtype), np.full((B, C, g[10], g[11]), -1, np.int32)
-    launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g)
-    return (y, argmax), ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw))
+    y, argmax = poisoned((B, C, g[10], g[11]), dtype), np.full((B, C, g[10], g[11]), -7, np.int32)
+    launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, int(relu))
+    return (y, argmax), ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
 
 
-def run_maxpool_backward(shape, dtype, launch=emulator.launch, seed=3):
+def run_maxpool_backward(shape, dtype, launch=emulator.launch, seed=3, relu=False):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     rng = np.random.default_rng(seed)
     x = unique_signed(rng, (B, C, H, W), dtype)
-    _, argmax = ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw))
+    _, argmax = ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
     dy = nonzero_normal(rng, argmax.shape, dtype)
     dx = poisoned(x.shape, dtype)
     launch("pool.cu", "maxpool2d_backward", dx.size, dy, argmax.astype(np.int32), dx,
@@ -228,20 +228,24 @@ def test_col2im(shape, dtype):
     assert_same_bits(got, want, "col2im")
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=_ids(POOL_SHAPES))
-def test_maxpool2d_forward(shape, dtype):
-    (y, argmax), (want_y, want_argmax) = run_maxpool_forward(shape, dtype)
+def test_maxpool2d_forward(shape, dtype, relu):
+    """relu: the ReLU folded into the pool; argmax -1 where no value beats 0."""
+    (y, argmax), (want_y, want_argmax) = run_maxpool_forward(shape, dtype, relu=relu)
     assert_written(y, "maxpool2d_forward y")
-    assert argmax.min() >= 0 and argmax.max() < shape[4] * shape[5], "argmax not a window offset"
+    lowest = -1 if relu else 0
+    assert argmax.min() >= lowest and argmax.max() < shape[4] * shape[5], "argmax not an offset"
     assert_same_bits(y, want_y, "maxpool2d_forward y")
     assert_same_bits(argmax, want_argmax.astype(np.int32), "maxpool2d_forward argmax")
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=_ids(POOL_SHAPES))
-def test_maxpool2d_backward(shape, dtype):
-    got, want = run_maxpool_backward(shape, dtype)
+def test_maxpool2d_backward(shape, dtype, relu):
+    got, want = run_maxpool_backward(shape, dtype, relu=relu)
     assert_written(got, "maxpool2d_backward")
     assert_same_bits(got, want, "maxpool2d_backward")
 
@@ -269,11 +273,32 @@ def test_maxpool_nan_propagates_without_moving_argmax():
     x = unique_signed(np.random.default_rng(7), (1, 1, 4, 4), np.float64)
     x[0, 0, 0, 1] = np.nan                          # second offset of window (0, 0)
     y, argmax = np.empty((1, 1, 2, 2)), np.empty((1, 1, 2, 2), np.int32)
-    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *geometry(shape))
+    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *geometry(shape), 0)
     want_y, want_argmax = ops.maxpool2d(x, 2, 2, (2, 2), (0, 0))
     assert np.isnan(y[0, 0, 0, 0]) and np.isnan(want_y[0, 0, 0, 0])
     assert_same_bits(y, want_y, "y")
     assert_same_bits(argmax, want_argmax.astype(np.int32), "argmax")
+
+
+def test_maxpool_with_relu_of_negative_windows_sends_nothing_back():
+    """Windows with no positive value: y = 0 (relu of their max), argmax -1, and backward
+    writes zeros there, as a ReLU's backward would; the NumPy op agrees bit for bit."""
+    shape = (1, 2, 5, 4, 2, 2, 2, 2, 1, 0)
+    x = unique_signed(np.random.default_rng(8), (1, 2, 5, 4), np.float64)
+    x[0, 0] = -np.abs(x[0, 0]) - 0.1                # channel 0: all negative
+    g = geometry(shape)
+    y, argmax = np.full((1, 2, g[10], g[11]), 9.0), np.full((1, 2, g[10], g[11]), -7, np.int32)
+    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, 1)
+    want_y, want_argmax = ops.maxpool2d(x, 2, 2, (2, 2), (1, 0), relu=True)
+    assert (y[0, 0] == 0).all() and (argmax[0, 0] == -1).all() and (argmax[0, 1] >= 0).any()
+    assert_same_bits(y, want_y, "y")
+    assert_same_bits(argmax, want_argmax.astype(np.int32), "argmax")
+    dy = nonzero_normal(np.random.default_rng(9), y.shape, np.float64)
+    dx = poisoned(x.shape, np.float64)
+    emulator.launch("pool.cu", "maxpool2d_backward", dx.size, dy, argmax, dx, *g)
+    assert (dx[0, 0] == 0).all()
+    assert_same_bits(dx, ops.maxpool2d_backward(dy, want_argmax, x.shape, 2, 2, (2, 2), (1, 0)),
+                     "dx")
 
 
 # --- launches that differ from the plain one ------------------------------------------------------

@@ -253,7 +253,7 @@ def test_threaded_ops_equal_the_serial_ones(monkeypatch, k, s, p, shape):
         r, mask = ops.relu(x)
         return [y, argmax, ops.maxpool2d_backward(dy, argmax, x.shape, kh, kw, st, pd),
                 ops.avgpool2d_backward(dy, x.shape, kh, kw, st, pd), ops.im2col(x, kh, kw, st, pd),
-                r, mask, ops.relu_backward(x, mask)]
+                r, mask, ops.relu_backward(x, mask), *ops.maxpool2d(x, kh, kw, st, pd, relu=True)]
     monkeypatch.setattr(ops, "_PARALLEL_MIN", 1 << 60)
     serial = run()
     monkeypatch.setattr(ops, "_PARALLEL_MIN", 0)

@@ -230,15 +230,17 @@ def _in_given_order(model, x, dy):
 
 
 @pytest.mark.parametrize("layers,fused", [
-    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], []),
+    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], [MaxPool2d]),
     (lambda: [Conv2d(2, 3, 3), ReLU(), Conv2d(3, 2, 3, bias=False), ReLU(), minicnn.Flatten()],
      [Conv2d]),                                     # no bias: the second ReLU runs on its own
     (lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
-              MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)], [Linear]),
+              MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
+     [MaxPool2d, Linear]),
+    (lambda: [Conv2d(2, 3, 3), minicnn.AvgPool2d(2), ReLU(), minicnn.Flatten()], []),
 ])
 def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, fused, float64):
-    """Sequential runs a ReLU before a max pool after it instead, and a ReLU after a Conv2d or
-    Linear with a bias inside that layer: outputs, input gradients and parameter gradients must
+    """Sequential runs a ReLU before a max pool after it instead, and a ReLU after a max pool, or
+    after a Conv2d or Linear with a bias, inside that layer: outputs, input gradients and parameter gradients must
     not change by a bit (float64), including windows whose values are all negative (no gradient
     in either order) and overlapping windows."""
     minicnn.seed(4)
