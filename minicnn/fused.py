@@ -230,8 +230,8 @@ def adam_hyper(lr, betas, eps, weight_decay, step, decoupled, xp, dtype, out=Non
                          f"{getattr(out, 'dtype', '')}")
     if isinstance(out, np.ndarray):
         out[...] = host
-    else:
-        out.set(host)            # CuPy: one host-to-device copy into the same device memory
+    else:    # CuPy: an asynchronous copy into the same memory; a plain set() would wait for the GPU
+        out.set(host, stream=get_array_module(out).cuda.get_current_stream())
     return out
 
 

@@ -97,16 +97,7 @@ class CudaRecorder:
             finally:
                 graph = self.stream.end_capture()
             return graph
-        graph = self._on_stream(capture, allocator=self.kept.malloc)
-        return _Launch(graph, self._cupy)
-
-
-class _Launch:
-    def __init__(self, graph, cupy):
-        self._graph, self._cupy = graph, cupy
-
-    def launch(self):
-        self._graph.launch(stream=self._cupy.cuda.get_current_stream())
+        return self._on_stream(capture, allocator=self.kept.malloc)   # launch() replays it
 
 
 class _KeepAll:
