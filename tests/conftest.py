@@ -67,3 +67,16 @@ def mirror_server(files, extra_routes=None):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def adam_step_float64(p, g, m, v, lr, b1, b2, eps, wd, t, decoupled):
+    """Textbook Adam (AdamW with ``decoupled``), step t, on float64 copies -> (p, m, v)."""
+    p, m, v, g = (np.array(a, np.float64) for a in (p, m, v, g))
+    if decoupled:
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    return p, m, v

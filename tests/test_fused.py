@@ -28,6 +28,8 @@ from minicnn import fused, optim
 from minicnn.module import Parameter, ShapeError
 from minicnn.testing import emulator
 
+from conftest import adam_step_float64
+
 DTYPES = [np.float32, np.float64]
 LAUNCHES = {"in order": emulator.launch, "reversed": emulator.launch_reversed}
 needs_emulator = [pytest.mark.emulated,
@@ -107,20 +109,6 @@ def truth_softmax_cross_entropy(logits, targets, e, scale):
         grad[b] = [(math.exp(lk) - qk) * scale for qk, lk in zip(q, logp)]
         correct[b] = z.index(m) == t                    # the first maximum
     return loss, grad, correct, np.array([invalid], np.int32)
-
-
-def truth_adam(p, g, m, v, lr, b1, b2, eps, wd, t, decoupled):
-    """Textbook Adam/AdamW, one step, float64 copies."""
-    p, m, v = (np.array(a, np.float64) for a in (p, m, v))
-    g = np.array(g, np.float64)
-    if decoupled:
-        p = p * (1 - lr * wd)
-    else:
-        g = g + wd * p
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
-    return p, m, v
 
 
 # --- bias_relu ----------------------------------------------------------------------------------
@@ -355,7 +343,7 @@ def test_adam_reference_is_textbook_adam(kind, wd):
     """float64, 1e-12 relative: the textbook form rounds differently (mhat, vhat)."""
     def textbook_then_fused(p, g, m, v, hyper):
         t = len(seen) + 1
-        seen.append([truth_adam(*a, LRS[t - 1], 0.9, 0.999, 1e-8, wd, t, kind == "AdamW")
+        seen.append([adam_step_float64(*a, LRS[t - 1], 0.9, 0.999, 1e-8, wd, t, kind == "AdamW")
                      for a in zip(p, g, m, v)])
         fused.adam_multi_tensor(p, g, m, v, hyper)
     seen = []

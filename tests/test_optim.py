@@ -10,6 +10,8 @@ from minicnn.lr_scheduler import CosineAnnealingLR, OneCycleLR, StepLR
 from minicnn.module import Module, Parameter, new_param
 from minicnn.optim import SGD, Adam, AdamW
 
+from conftest import adam_step_float64
+
 SHAPES = [(3, 4), (4,)]
 STEPS = 4
 
@@ -46,17 +48,9 @@ def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, n
 
 
 def adam_reference(p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
-    b1, b2 = betas
-    p, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+    m = v = np.zeros_like(p)
     for t, g in enumerate(grads, start=1):
-        if decoupled:
-            p = p * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * p
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
-        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        p, m, v = adam_step_float64(p, g, m, v, lr, *betas, eps, weight_decay, t, decoupled)
     return p
 
 
