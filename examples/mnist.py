@@ -3,6 +3,7 @@
     python examples/mnist.py --epochs 1            # CPU, full MNIST (downloaded once if needed)
     python examples/mnist.py --device auto --save mnist.npz
     python examples/mnist.py --device cuda --batch-size 128 --cuda-graph   # one launch per step
+    python examples/mnist.py --epochs 2 --batch-size 128 --onecycle 5e-3   # 99.0% (seed 0)
 
 Network: conv(1->32, 3x3), ReLU, maxpool 2, conv(32->64, 3x3), ReLU, maxpool 2, fc(1600->128),
 ReLU, fc(128->10); Adam(1e-3), batch 64. With no MNIST on disk and no network, it says so and
@@ -37,6 +38,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None,
                     help="folder holding the MNIST IDX files (default: $MINICNN_DATA, then the user cache)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--onecycle", type=float, default=None, metavar="MAX_LR",
+                    help="OneCycleLR up to MAX_LR and down over all the steps, instead of a fixed --lr")
     ap.add_argument("--save", default=None, metavar="PATH",
                     help="write a checkpoint (.npz, with optimizer state) after every epoch")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -58,14 +61,19 @@ def main(argv=None):
     model = mnist_cnn().to(dev)
     optimizer = minicnn.Adam(model.parameters(), lr=args.lr)
     loss_fn = minicnn.CrossEntropyLoss()
+    scheduler = None
+    if args.onecycle is not None:
+        scheduler = minicnn.OneCycleLR(optimizer, max_lr=args.onecycle,
+                                       total_steps=args.epochs * len(train))
     print(f"device {dev}; {len(train_set):,} training and {len(test_set):,} test images; "
           f"{model.num_parameters():,} parameters")
 
     def save(row):
-        minicnn.save(model, args.save, optimizer=optimizer,
+        minicnn.save(model, args.save, optimizer=optimizer, scheduler=scheduler,
                      metadata={"epoch": row["epoch"], "test_accuracy": row["val_accuracy"]})
 
     history = minicnn.fit(model, loss_fn, optimizer, train, epochs=args.epochs, val_loader=test,
+                          scheduler=scheduler, scheduler_interval="batch",
                           progress=not args.no_progress, on_epoch_end=save if args.save else None,
                           cuda_graph=args.cuda_graph)
     return history

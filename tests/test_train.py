@@ -58,6 +58,19 @@ def test_one_epoch_of_the_example_on_full_mnist_reaches_98_percent(capsys):
     assert "60,000 training and 10,000 test images" in out and "images/s" in out
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(_mnist_dir() is None,
+                    reason="full MNIST not found: set MINICNN_DATA to the folder of its IDX files")
+def test_the_example_reaches_99_percent_in_two_epochs_with_onecycle():
+    """The recipe for the time-to-99% measurement: batch 128, OneCycleLR up to 5e-3, 2 epochs
+    (~30 s on two cores). Measured with seed 0: 0.9781 after epoch 1, 0.9919 after epoch 2."""
+    import runpy
+    example = runpy.run_path(str(ROOT / "examples" / "mnist.py"))
+    history = example["main"](["--epochs", "2", "--batch-size", "128", "--onecycle", "5e-3",
+                               "--no-progress", "--data-dir", str(_mnist_dir())])
+    assert history.epochs[-1]["val_accuracy"] >= 0.99
+
+
 def test_fit_refuses_nan_in_the_training_data():
     images = np.random.default_rng(0).standard_normal((10, 1, 28, 28)).astype(np.float32)
     images[3, 0, 5, 5] = np.nan
