@@ -59,7 +59,7 @@ class _KernelNumpy:
         return getattr(np, name)
 
 
-def _train(steps, through_kernels, monkeypatch, launched=None):
+def _train(steps, through_kernels, monkeypatch, launched=None, make_model=mnist_cnn):
     def launch(file, name, *args):
         launched.add(name)
         emulator.launch(file, name, *args)
@@ -70,7 +70,7 @@ def _train(steps, through_kernels, monkeypatch, launched=None):
             m.setattr(ops.cuda, "launch", launch)
         minicnn.set_default_dtype(np.float64)
         minicnn.seed(1)
-        model = mnist_cnn()
+        model = make_model()
         opt = minicnn.Adam(model.parameters(), lr=1e-3)
         loss_fn = minicnn.CrossEntropyLoss()
         data = minicnn.mnist_sample(train=False)
@@ -92,6 +92,21 @@ def test_training_through_the_emulated_kernels_matches_numpy(monkeypatch):
     assert launched == {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
                         "bias_relu_forward", "relu_backward", "softmax_cross_entropy",
                         "adam_multi_tensor"}
+
+
+def _convs_with_relus():
+    """Convolutions followed by ReLUs (no pooling): the ReLUs are folded into the bias adds."""
+    from minicnn import Conv2d, Flatten, Linear, ReLU, Sequential
+    return Sequential(Conv2d(1, 4, 3), ReLU(), Conv2d(4, 3, 3, stride=2, padding=1), ReLU(),
+                      Flatten(), Linear(3 * 13 * 13, 10))
+
+
+def test_convolutions_with_fused_relus_through_the_emulated_kernels(monkeypatch):
+    launched = set()
+    for a, b in zip(_train(3, True, monkeypatch, launched, _convs_with_relus),
+                    _train(3, False, monkeypatch, make_model=_convs_with_relus)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert {"bias_relu_forward", "relu_backward", "col2im"} <= launched
 
 
 def test_loss_on_the_kernel_path_defers_the_target_check(monkeypatch):
