@@ -3,7 +3,9 @@
 // Compiled once per dtype with -Dscalar_t=float|double (element type) -Dacc_t=float|double (sums).
 // Reference: maxpool2d, maxpool2d_backward, avgpool2d, avgpool2d_backward in minicnn/ops.py.
 //
-// Shapes (all arrays C-contiguous):
+// Shapes (all arrays C-contiguous, except x in the forward kernels: they take its element strides
+// xb, xc, xh, xw, so that a convolution's output, an NCHW view of a channels-last buffer, is read
+// where it lies instead of being copied first):
 //   x, dx         (B, C, H, W)      input and its gradient
 //   y, dy, argmax (B, C, OH, OW)    output, its gradient, and (max) the winner of each window
 //   OH = (H + 2*ph - kh) / sh + 1,  OW = (W + 2*pw - kw) / sw + 1   (computed by the caller)
@@ -42,7 +44,8 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ y, int* __restrict__ argmax,
                                              int B, int C, int H, int W, int kh, int kw,
                                              int sh, int sw, int ph, int pw, int OH, int OW,
-                                             int relu) {
+                                             int relu, long long xb, long long xc, long long xh,
+                                             long long xw) {
     const long long total = (long long)B * C * OH * OW;               // elements of y
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
@@ -50,7 +53,7 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
         const int ow = (int)(idx % OW);
         const int oh = (int)(idx / OW % OH);
         const long long bc = idx / ((long long)OH * OW);
-        const scalar_t* plane = x + bc * H * W;                       // x[b, c], (H, W)
+        const scalar_t* plane = x + bc / C * xb + bc % C * xc;        // x[b, c], (H, W)
         scalar_t best = 0;
         bool seen = relu != 0;          // with the ReLU, 0 is the value to beat, held by no offset
         int arg = -1;
@@ -60,7 +63,7 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
             for (int j = 0; j < kw; ++j) {
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;                        // padding column
-                const scalar_t v = plane[(long long)h * W + w];
+                const scalar_t v = plane[h * xh + w * xw];
                 if (!seen || v > best) {          // strictly greater: the first maximum wins
                     best = v;
                     arg = i * kw + j;
@@ -108,7 +111,9 @@ extern "C" __global__ void maxpool2d_backward(const scalar_t* __restrict__ dy,
 extern "C" __global__ void avgpool2d_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ y,
                                              int B, int C, int H, int W, int kh, int kw,
-                                             int sh, int sw, int ph, int pw, int OH, int OW) {
+                                             int sh, int sw, int ph, int pw, int OH, int OW,
+                                             long long xb, long long xc, long long xh,
+                                             long long xw) {
     const long long total = (long long)B * C * OH * OW;               // elements of y
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
@@ -116,7 +121,7 @@ extern "C" __global__ void avgpool2d_forward(const scalar_t* __restrict__ x,
         const int ow = (int)(idx % OW);
         const int oh = (int)(idx / OW % OH);
         const long long bc = idx / ((long long)OH * OW);
-        const scalar_t* plane = x + bc * H * W;                       // x[b, c], (H, W)
+        const scalar_t* plane = x + bc / C * xb + bc % C * xc;        // x[b, c], (H, W)
         acc_t sum = 0;                                                // padding adds 0
         for (int i = 0; i < kh; ++i) {
             const int h = oh * sh - ph + i;
@@ -124,7 +129,7 @@ extern "C" __global__ void avgpool2d_forward(const scalar_t* __restrict__ x,
             for (int j = 0; j < kw; ++j) {
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;
-                sum += plane[(long long)h * W + w];
+                sum += plane[h * xh + w * xw];
             }
         }
         y[idx] = (scalar_t)(sum / (acc_t)(kh * kw));                 // padding counted

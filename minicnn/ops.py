@@ -298,13 +298,26 @@ def col2im_kernel(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), launch=None)
     return x
 
 
+def _in_place(x):
+    """(an array the launcher takes without copying that holds x's memory, x's element strides
+    (b, c, h, w)): x itself when C-contiguous, its NHWC view when x is a channels-last NCHW view
+    (a convolution's output), else a C-contiguous copy."""
+    if not x.flags.c_contiguous and not x.transpose(0, 2, 3, 1).flags.c_contiguous:
+        x = get_array_module(x).ascontiguousarray(x)
+    memory = x if x.flags.c_contiguous else x.transpose(0, 2, 3, 1)
+    return memory, tuple(s // x.itemsize for s in x.strides)
+
+
 def maxpool2d_kernel(x, kh, kw, stride, pad, relu=False, launch=None):
-    """Max pooling by kernels/pool.cu: x (B,C,H,W) -> y, argmax (B,C,OH,OW), argmax int32."""
+    """Max pooling by kernels/pool.cu: x (B,C,H,W) -> y, argmax (B,C,OH,OW), argmax int32.
+    x may be channels-last (read in place)."""
     xp = get_array_module(x)
     g = _geometry(x.shape, kh, kw, stride, pad)
     shape = x.shape[:2] + g[10:]
     y, argmax = xp.empty(shape, dtype=x.dtype), xp.empty(shape, dtype=np.int32)
-    (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, int(relu))
+    memory, strides = _in_place(x)
+    (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, memory, y, argmax, *g,
+                            int(relu), *strides)
     return y, argmax
 
 
@@ -319,10 +332,11 @@ def maxpool2d_backward_kernel(dy, argmax, x_shape, kh, kw, stride, pad, launch=N
 
 
 def avgpool2d_kernel(x, kh, kw, stride, pad, launch=None):
-    """Average pooling by kernels/pool.cu: x (B,C,H,W) -> y (B,C,OH,OW)."""
+    """Average pooling by kernels/pool.cu: x (B,C,H,W) -> y (B,C,OH,OW); x may be channels-last."""
     g = _geometry(x.shape, kh, kw, stride, pad)
     y = get_array_module(x).empty(x.shape[:2] + g[10:], dtype=x.dtype)
-    (launch or cuda.launch)("pool.cu", "avgpool2d_forward", y.size, x, y, *g)
+    memory, strides = _in_place(x)
+    (launch or cuda.launch)("pool.cu", "avgpool2d_forward", y.size, memory, y, *g, *strides)
     return y
 
 

@@ -52,6 +52,26 @@ def test_kernel_paths_match_the_numpy_ops(shape, k, s, p):
                                   ops.avgpool2d_backward(dy, shape, *k, s, p))
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_pooling_kernels_read_other_layouts(layout):
+    """A convolution's output is an NCHW view of a channels-last buffer: the forward pooling
+    kernels read it where it lies; any other layout is copied first. Same results either way."""
+    rng = np.random.default_rng(3)
+    base = unique_values(rng, (2, 7, 9, 3)) - 0.5                      # B, H, W, C
+    x = base.transpose(0, 3, 1, 2)                                     # NCHW view, channels-last
+    if layout == "strided":
+        x = np.concatenate([x, x], axis=3)[:, :, :, ::2]              # neither layout contiguous
+    assert not x.flags.c_contiguous
+    for relu in (False, True):
+        y, argmax = ops.maxpool2d_kernel(x, 2, 3, (2, 1), (1, 1), relu, launch=emulator.launch)
+        want_y, want_argmax = ops.maxpool2d(np.ascontiguousarray(x), 2, 3, (2, 1), (1, 1), relu)
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_array_equal(argmax, want_argmax)
+    np.testing.assert_allclose(ops.avgpool2d_kernel(x, 3, 2, (1, 2), (1, 0), launch=emulator.launch),
+                               ops.avgpool2d(np.ascontiguousarray(x), 3, 2, (1, 2), (1, 0)),
+                               rtol=1e-12)
+
+
 class _KernelNumpy:
     """NumPy under another name: ops then takes its CUDA branch, and allocates with NumPy."""
 

@@ -165,12 +165,23 @@ def run_col2im(shape, dtype, launch=emulator.launch, seed=1):
     return x, ops.col2im(cols, (B, C, H, W), kh, kw, (sh, sw), (ph, pw))
 
 
-def run_maxpool_forward(shape, dtype, launch=emulator.launch, seed=2, relu=False):
+def in_layout(x, channels_last):
+    """(the array handed to a forward pooling kernel, x's element strides (b, c, h, w)): x, or
+    x's values laid out channels-last, as a convolution's output is."""
+    if not channels_last:
+        return x, tuple(s // x.itemsize for s in x.strides)
+    B, C, H, W = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)), (H * W * C, 1, W * C, C)
+
+
+def run_maxpool_forward(shape, dtype, launch=emulator.launch, seed=2, relu=False,
+                        channels_last=False):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     x = unique_signed(np.random.default_rng(seed), (B, C, H, W), dtype)
     g = geometry(shape)
     y, argmax = poisoned((B, C, g[10], g[11]), dtype), np.full((B, C, g[10], g[11]), -7, np.int32)
-    launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, int(relu))
+    memory, strides = in_layout(x, channels_last)
+    launch("pool.cu", "maxpool2d_forward", y.size, memory, y, argmax, *g, int(relu), *strides)
     return (y, argmax), ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
 
 
@@ -186,12 +197,13 @@ def run_maxpool_backward(shape, dtype, launch=emulator.launch, seed=3, relu=Fals
     return dx, ops.maxpool2d_backward(dy, argmax, x.shape, kh, kw, (sh, sw), (ph, pw))
 
 
-def run_avgpool_forward(shape, dtype, launch=emulator.launch, seed=4):
+def run_avgpool_forward(shape, dtype, launch=emulator.launch, seed=4, channels_last=False):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     x = unique_signed(np.random.default_rng(seed), (B, C, H, W), dtype) + 2   # all positive
     g = geometry(shape)
     y = poisoned((B, C, g[10], g[11]), dtype)
-    launch("pool.cu", "avgpool2d_forward", y.size, x, y, *g)
+    memory, strides = in_layout(x, channels_last)
+    launch("pool.cu", "avgpool2d_forward", y.size, memory, y, *g, *strides)
     return y, ops.avgpool2d(x, kh, kw, (sh, sw), (ph, pw))
 
 
@@ -228,12 +240,15 @@ def test_col2im(shape, dtype):
     assert_same_bits(got, want, "col2im")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["", "nhwc"])
 @pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=_ids(POOL_SHAPES))
-def test_maxpool2d_forward(shape, dtype, relu):
-    """relu: the ReLU folded into the pool; argmax -1 where no value beats 0."""
-    (y, argmax), (want_y, want_argmax) = run_maxpool_forward(shape, dtype, relu=relu)
+def test_maxpool2d_forward(shape, dtype, relu, channels_last):
+    """relu: the ReLU folded into the pool; argmax -1 where no value beats 0. channels_last: the
+    input read in place through its strides."""
+    (y, argmax), (want_y, want_argmax) = run_maxpool_forward(shape, dtype, relu=relu,
+                                                             channels_last=channels_last)
     assert_written(y, "maxpool2d_forward y")
     lowest = -1 if relu else 0
     assert argmax.min() >= lowest and argmax.max() < shape[4] * shape[5], "argmax not an offset"
@@ -250,10 +265,11 @@ def test_maxpool2d_backward(shape, dtype, relu):
     assert_same_bits(got, want, "maxpool2d_backward")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=_ids(POOL_SHAPES))
-def test_avgpool2d_forward(shape, dtype):
-    got, want = run_avgpool_forward(shape, dtype)
+def test_avgpool2d_forward(shape, dtype, channels_last):
+    got, want = run_avgpool_forward(shape, dtype, channels_last=channels_last)
     assert_written(got, "avgpool2d_forward")
     # NumPy's mean adds the window in an order of its own: not bit-identical.
     assert_close(got, want, 1e-12 if dtype == np.float64 else 1e-6, "avgpool2d_forward")
@@ -273,7 +289,8 @@ def test_maxpool_nan_propagates_without_moving_argmax():
     x = unique_signed(np.random.default_rng(7), (1, 1, 4, 4), np.float64)
     x[0, 0, 0, 1] = np.nan                          # second offset of window (0, 0)
     y, argmax = np.empty((1, 1, 2, 2)), np.empty((1, 1, 2, 2), np.int32)
-    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *geometry(shape), 0)
+    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *geometry(shape), 0,
+                    *in_layout(x, False)[1])
     want_y, want_argmax = ops.maxpool2d(x, 2, 2, (2, 2), (0, 0))
     assert np.isnan(y[0, 0, 0, 0]) and np.isnan(want_y[0, 0, 0, 0])
     assert_same_bits(y, want_y, "y")
@@ -288,7 +305,8 @@ def test_maxpool_with_relu_of_negative_windows_sends_nothing_back():
     x[0, 0] = -np.abs(x[0, 0]) - 0.1                # channel 0: all negative
     g = geometry(shape)
     y, argmax = np.full((1, 2, g[10], g[11]), 9.0), np.full((1, 2, g[10], g[11]), -7, np.int32)
-    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, 1)
+    emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, 1,
+                    *in_layout(x, False)[1])
     want_y, want_argmax = ops.maxpool2d(x, 2, 2, (2, 2), (1, 0), relu=True)
     assert (y[0, 0] == 0).all() and (argmax[0, 0] == -1).all() and (argmax[0, 1] >= 0).any()
     assert_same_bits(y, want_y, "y")
