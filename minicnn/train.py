@@ -44,11 +44,13 @@ class _Meter:
         self.count = 0
 
     def add(self, loss, logits, targets):
+        xp = get_array_module(logits)
         if self.sums is None:
-            self.sums = get_array_module(logits).zeros(2, dtype=np.float64)
+            self.sums = xp.zeros(2, dtype=np.float64)
+        loss_sum, correct = self.sums[:1], self.sums[1:]      # views: the adds write in place
         if loss is not None:
-            self.sums[:1] += loss * targets.shape[0]
-        self.sums[1:] += (logits.argmax(axis=1) == targets).sum()
+            xp.add(loss_sum, loss * targets.shape[0], out=loss_sum)
+        xp.add(correct, (logits.argmax(axis=1) == targets).sum(), out=correct)
 
     def read(self):
         """(mean loss, accuracy) as Python floats: the one host sync."""
