@@ -23,11 +23,19 @@ def _uniform(shape, bound):
     return rng().uniform(-bound, bound, size=shape)
 
 
+_ONES = {}      # (array type, length, dtype) -> a vector of ones, made once and reused
+
+
 def _column_sums(a):
     """a (N, M) -> (M,) sums over rows, as a matrix-vector product: on BLAS that is several times
-    faster than a.sum(axis=0) for the tall matrices of a convolution's backward."""
-    xp = get_array_module(a)
-    return xp.ones(a.shape[0], dtype=a.dtype) @ a
+    faster than a.sum(axis=0) for the tall matrices of a convolution's backward. The vector of
+    ones is kept between steps (one launch less per layer on a GPU, and fixed memory for a
+    recorded CUDA graph)."""
+    key = (type(a), a.shape[0], a.dtype.str)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = get_array_module(a).ones(a.shape[0], dtype=a.dtype)
+    return ones @ a
 
 
 def _bias_then_relu(layer, y, relu):
