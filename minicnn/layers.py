@@ -39,21 +39,15 @@ def _column_sums(a):
 
 
 def _bias_then_relu(layer, y, relu):
-    """y (N, out) += the layer's bias, in place; with ``relu`` also y = max(y, 0) in the same
-    pass (``fused.bias_relu``), which Sequential asks for when a ReLU follows the layer."""
-    if relu:
+    """y (N, out) += the layer's bias, in place; with ``relu`` also y = max(y, 0), in the same
+    pass as the bias (``fused.bias_relu``). Sequential asks for it when a ReLU follows."""
+    if relu and layer.bias is not None:
         return fused.bias_relu(y, layer.bias.data)
     if layer.bias is not None:
         ops.add_bias(y, layer.bias.data)
+    if relu:
+        get_array_module(y).maximum(y, 0, out=y)
     return y
-
-
-class _Affine(Module):
-    """What Conv2d and Linear share: a ReLU that follows can be applied with the bias."""
-
-    @property
-    def fuses_relu(self):
-        return self.bias is not None
 
 
 def check_input(layer, x, ndim, what):
@@ -86,12 +80,14 @@ def _spatial_out(layer, in_shape, kernel, stride, pad, channels=None):
     return tuple(size)
 
 
-class Conv2d(_Affine):
+class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
-    ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass.
+    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass.
     """
+
+    fuses_relu = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         name = "Conv2d"
@@ -164,9 +160,11 @@ class Conv2d(_Affine):
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
-class Linear(_Affine):
+class Linear(Module):
     """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in).
-    ``forward(x, relu=True)`` (with a bias) also applies a ReLU in the bias's pass."""
+    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass."""
+
+    fuses_relu = True
 
     def __init__(self, in_features, out_features, bias=True):
         for arg, v in (("in_features", in_features), ("out_features", out_features)):

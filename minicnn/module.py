@@ -305,8 +305,8 @@ class Sequential(Module):
           relu(max(a, b)) equals max(relu(a), relu(b)); where a window's maximum is <= 0 both
           orders pass no gradient, elsewhere they pick the same winner;
         - a ReLU right after a layer that can apply it in its own pass (``fuses_relu``: a
-          MaxPool2d, whose running maximum then starts at 0, or a Conv2d or Linear with a
-          bias, in the bias's pass) is done there (``fuse_relu`` True), not on its own.
+          MaxPool2d, whose running maximum then starts at 0, or a Conv2d or Linear, in the
+          bias's pass) is done there (``fuse_relu`` True), not on its own.
 
         So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward.
         """

@@ -232,7 +232,9 @@ def _in_given_order(model, x, dy):
 @pytest.mark.parametrize("layers,fused", [
     (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], [MaxPool2d]),
     (lambda: [Conv2d(2, 3, 3), ReLU(), Conv2d(3, 2, 3, bias=False), ReLU(), minicnn.Flatten()],
-     [Conv2d]),                                     # no bias: the second ReLU runs on its own
+     [Conv2d, Conv2d]),
+    (lambda: [minicnn.Flatten(), Linear(128, 3), ReLU(), ReLU(), Linear(3, 2, bias=False),
+              ReLU()], [Linear, Linear]),           # a second ReLU in a row runs on its own
     (lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
               MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
      [MaxPool2d, Linear]),
