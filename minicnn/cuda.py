@@ -23,6 +23,7 @@ MAX_BLOCKS = 65535          # kernels loop (grid-stride), so a capped grid still
 # C type of each kernel scalar argument -> NumPy type it is passed as
 _SCALARS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
             "unsigned long long": np.uint64, "float": np.float32, "double": np.float64}
+_POINTER_DTYPES = {ctype: np.dtype(t) for ctype, t in _SCALARS.items()}
 # element type per dtype: (scalar_t, acc_t)
 _TYPES = {np.dtype(np.float32): ("float", "float"), np.dtype(np.float64): ("double", "double")}
 
@@ -122,7 +123,7 @@ class Launcher:
         self._modules = {}
 
     def module(self, file, dtype):
-        key = (file, np.dtype(dtype).str, self._device_key())
+        key = (file, np.dtype(dtype), self._device_key())
         if key not in self._modules:
             self._modules[key] = self._compile(file, np.dtype(dtype))
         return self._modules[key]
@@ -142,21 +143,21 @@ class Launcher:
             raise TypeError(f"{file}:{name}: expected float32 or float64 arrays, got {dtype}")
         converted = []
         for (kind, ctype, argname), value in zip(sig, args):
-            where = f"{file}:{name} argument {argname}"
             if kind == "value":
-                cast = np.dtype(dtype).type if ctype == "scalar_t" else _SCALARS[ctype]
+                cast = dtype.type if ctype == "scalar_t" else _SCALARS[ctype]
                 converted.append(cast(value))
                 continue
-            if ctype != "scalar_t" and ctype not in _SCALARS:
-                raise TypeError(f"{where}: unsupported pointer type {ctype}*")
-            want = np.dtype(dtype) if ctype == "scalar_t" else np.dtype(_SCALARS[ctype])
-            if not hasattr(value, "dtype") or value.dtype != want:
+            want = dtype if ctype == "scalar_t" else _POINTER_DTYPES.get(ctype)
+            if want is None or getattr(value, "dtype", None) != want:
+                where = f"{file}:{name} argument {argname}"      # made only for the message
+                if want is None:
+                    raise TypeError(f"{where}: unsupported pointer type {ctype}*")
                 raise TypeError(f"{where}: expected an array of {want} ({ctype}*), got "
                                 f"{getattr(value, 'dtype', type(value).__name__)}")
             if not value.flags.c_contiguous:
                 if kind == "out":
-                    raise ValueError(f"{where}: the kernel writes this array, so it must be "
-                                     "C-contiguous")
+                    raise ValueError(f"{file}:{name} argument {argname}: the kernel writes this "
+                                     "array, so it must be C-contiguous")
                 value = get_array_module(value).ascontiguousarray(value)
             converted.append(value)
         try:
@@ -171,7 +172,7 @@ class _CupyLauncher(Launcher):
 
     def _device_key(self):
         import cupy
-        return cupy.cuda.Device().id
+        return cupy.cuda.runtime.getDevice()      # cheaper than a Device object per launch
 
 
 def _cupy_compile(file, dtype):
