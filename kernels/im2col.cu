@@ -6,7 +6,8 @@
 // Shapes (all arrays C-contiguous):
 //   x     (B, C, H, W)              NCHW input
 //   cols  (B*OH*OW, K)              K = kh*kw*C; one row per output pixel
-//   OH = (H + 2*ph - kh) / sh + 1,  OW = (W + 2*pw - kw) / sw + 1   (computed by the caller)
+//   OH = (H + 2*ph - kh) / sh + 1,  OW = (W + 2*pw - kw) / sw + 1   (computed by the caller),
+//   or less: only the leading OH x OW windows, when the layer after the convolution reads no more
 // Row r = (b*OH + oh)*OW + ow and column k = (i*kw + j)*C + c of cols hold
 //   x[b, c, oh*sh - ph + i, ow*sw - pw + j]      (kernel offset (i, j), channel c fastest)
 // or 0 where that position lies in the zero padding.

@@ -211,7 +211,7 @@ def matmul(a, b):
     return matmul_half(half(a), half(b))
 
 
-def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
+def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     """``half(ops.im2col(x, ...))``: the unfolded windows as float16 operands.
 
     On the CPU the input is rounded before unfolding (kh*kw times fewer values to round, the same
@@ -219,16 +219,16 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
     then cast (the kernels are compiled for float32 and float64 only).
     """
     if get_array_module(x) is np:
-        return ops.im2col(half(x), kh, kw, stride, pad)
-    return half(ops.im2col(x, kh, kw, stride, pad))
+        return ops.im2col(half(x), kh, kw, stride, pad, used)
+    return half(ops.im2col(x, kh, kw, stride, pad, used))
 
 
-def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
+def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     """``ops.col2im_matmul`` for ``half`` operands: a convolution's input gradient with float16
     operands and float32 sums. dy2 (B*OH*OW, O), w (O, kh*kw*C) -> dx (B,C,H,W) float32."""
     if get_array_module(dy2) is np:
-        return ops.col2im_matmul(dy2, w, x_shape, kh, kw, stride, pad)
-    return ops.col2im(matmul_half(dy2, w), x_shape, kh, kw, stride, pad)
+        return ops.col2im_matmul(dy2, w, x_shape, kh, kw, stride, pad, used)
+    return ops.col2im(matmul_half(dy2, w), x_shape, kh, kw, stride, pad, used)
 
 
 # --- loss scaling ------------------------------------------------------------------------------

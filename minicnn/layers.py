@@ -84,7 +84,9 @@ class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
-    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass.
+    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass. ``forward(x, pool=p)``,
+    where the pooling layer ``p`` reads y next, computes only the leading rows and columns of y
+    that p's windows reach (``p.reach``), y (B, out_channels, OH', OW'): the same pooled values.
     """
 
     fuses_relu = True
@@ -111,26 +113,30 @@ class Conv2d(Module):
                               self.in_channels)
         return (in_shape[0], self.out_channels, oh, ow)
 
-    def forward(self, x, relu=False):
+    def forward(self, x, relu=False, pool=None):
         check_input(self, x, 4, "(B, C, H, W)")
         B, _, OH, OW = self.output_shape(x.shape)
+        used = None if pool is None else pool.reach((OH, OW))
+        if used is not None:
+            OH, OW = used
+        window = (*self.kernel_size, self.stride, self.padding, used)
         x = x.astype(self.weight.dtype, copy=False)
         half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
         if half:
-            cols = amp.im2col(x, *self.kernel_size, self.stride, self.padding)
+            cols = amp.im2col(x, *window)
             wh = amp.half(self._weight_matrix())        # rounded once, kept for backward
             y = amp.matmul_half(cols, wh.T)
         else:
-            cols = ops.im2col(x, *self.kernel_size, self.stride, self.padding)   # B*OH*OW, K
-            y = cols @ self._weight_matrix().T                                    # B*OH*OW, O
+            cols = ops.im2col(x, *window)                           # B*OH*OW, K
+            y = cols @ self._weight_matrix().T                      # B*OH*OW, O
         y = _bias_then_relu(self, y, relu)
         if self.training:
-            self._cache = (cols, x.shape, wh if half else None, y if relu else None)
+            self._cache = (cols, x.shape, window, wh if half else None, y if relu else None)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape, wh, relu_out = self._pop_cache()
+        cols, x_shape, window, wh, relu_out = self._pop_cache()
         half = wh is not None                # the forward ran under autocast: so do the products
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
         if relu_out is not None:
@@ -146,10 +152,8 @@ class Conv2d(Module):
         if not input_grad:
             return None
         if half:
-            return amp.col2im_matmul(dy2, wh, x_shape, *self.kernel_size, self.stride,
-                                     self.padding)
-        return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *self.kernel_size,
-                                 self.stride, self.padding)
+            return amp.col2im_matmul(dy2, wh, x_shape, *window)
+        return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *window)
 
     def _weight_matrix(self):
         """weight (O,C,kh,kw) as (O, kh*kw*C), matching im2col's (i, j, c) column order."""
@@ -224,6 +228,15 @@ class _Pool2d(Module):
     def output_shape(self, in_shape):
         return tuple(in_shape[:2]) + _spatial_out(self, in_shape, self.kernel_size, self.stride,
                                                   self.padding)
+
+    def reach(self, size):
+        """(H', W') <= size: the leading rows and columns of an input of spatial ``size`` (H, W)
+        that the windows read. Less than ``size`` where the floor in the output size leaves the
+        last rows or columns out (a 2x2 pool over 11x11 reads 10x10)."""
+        # The last window ends at padded index s*(windows-1)+k-1. Cutting the input there keeps
+        # the same windows: it happens only when p < s, and then the floor gives `windows` again.
+        return tuple(min(n, s * (ops.out_size(n, k, s, p) - 1) + k - p)
+                     for n, k, s, p in zip(size, self.kernel_size, self.stride, self.padding))
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

@@ -285,8 +285,8 @@ class Module:
 class Sequential(Module):
     """Layers applied in order; ``backward`` runs them in reverse. Indexable like a list.
 
-    Forward follows ``_plan()``, which may run a layer in another place, with the same outputs
-    and gradients to the last bit, where that saves work (see there).
+    Forward follows ``_plan()``, which may run a layer in another place or tell it what the next
+    layer needs, with the same outputs and gradients, where that saves work (see there).
     """
 
     def __init__(self, *layers):
@@ -299,29 +299,39 @@ class Sequential(Module):
         return [m for _, m in self.named_children()]
 
     def _plan(self):
-        """[(layer, fuse_relu)] in the order forward runs them. As given, except:
+        """[(layer, keyword arguments for its forward)] in the order forward runs them. As given,
+        except:
 
         - a ReLU directly before a MaxPool2d runs after it. ReLU never decreases, so
           relu(max(a, b)) equals max(relu(a), relu(b)); where a window's maximum is <= 0 both
           orders pass no gradient, elsewhere they pick the same winner;
         - a ReLU right after a layer that can apply it in its own pass (``fuses_relu``: a
           MaxPool2d, whose running maximum then starts at 0, or a Conv2d or Linear, in the
-          bias's pass) is done there (``fuse_relu`` True), not on its own.
+          bias's pass) is done there (``relu=True``), not on its own;
+        - a Conv2d right before a pooling layer is handed it (``pool=``) and computes only the
+          outputs whose rows and columns the pool's windows reach: a 2x2 pool over an 11x11
+          map reads 10x10 of it, and the convolution does 17% less work.
 
-        So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward.
+        So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward. Outputs and
+        gradients are those of the given order to the last bit, except that a cropped
+        convolution's weight and bias gradients leave out terms that are exactly zero, which may
+        regroup BLAS's partial sums (a difference in the last bits).
         """
-        from .layers import MaxPool2d, ReLU        # layers.py builds on this module
+        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d     # layers.py builds on this module
         order = self._layers()
         for i in range(len(order) - 1):
             if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
                 order[i], order[i + 1] = order[i + 1], order[i]
         plan = []
         for layer in order:
-            if (type(layer) is ReLU and plan and not plan[-1][1]
+            if (type(layer) is ReLU and plan and "relu" not in plan[-1][1]
                     and getattr(plan[-1][0], "fuses_relu", False)):
-                plan[-1] = (plan[-1][0], True)
+                plan[-1][1]["relu"] = True
             else:
-                plan.append((layer, False))
+                plan.append((layer, {}))
+        for (layer, opts), (after, _) in zip(plan, plan[1:]):
+            if type(layer) is Conv2d and isinstance(after, _Pool2d):
+                opts["pool"] = after
         return plan
 
     def __getitem__(self, i):
@@ -338,8 +348,8 @@ class Sequential(Module):
 
     def forward(self, x):
         plan = self._plan()
-        for layer, relu in plan:
-            x = layer.forward(x, relu=True) if relu else layer.forward(x)
+        for layer, opts in plan:
+            x = layer.forward(x, **opts)
         if self.training:
             self._cache = plan
         return x

@@ -76,7 +76,18 @@ def _channels_last_zeros(B, C, H, W, dtype):
     return np.zeros((B, H, W, C), dtype=dtype).transpose(0, 3, 1, 2)
 
 
-def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True):
+def _used_windows(x_shape, kh, kw, stride, pad, used):
+    """(OH, OW): the output size, or ``used`` where given, the leading part of it that a
+    convolution computes when the layer after it reads no further (``Conv2d.forward``)."""
+    full = out_size(x_shape[2], kh, stride[0], pad[0]), out_size(x_shape[3], kw, stride[1], pad[1])
+    if used is None:
+        return full
+    if not (0 < used[0] <= full[0] and 0 < used[1] <= full[1]):
+        raise ValueError(f"used windows {tuple(used)} must lie within the output size {full}")
+    return tuple(used)
+
+
+def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True, used=None):
     """The adjoint of cutting windows: add ``piece(i, j, lo, hi)`` (hi-lo,C,OH,OW), the values
     that kernel offset (i, j) of the windows of samples lo..hi-1 took, back onto the input
     pixels they came from.
@@ -84,11 +95,12 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True):
     Overlapping windows add up at the pixels they share; padding is cut off. -> (B,C,H,W).
     This is the one backward of col2im, average pooling and max pooling. With ``threads``
     the batch is split over threads (``over_batch``); a ``piece`` that runs a matrix product
-    passes False, as BLAS threads itself.
+    passes False, as BLAS threads itself. ``used`` (OH, OW): only the leading windows (see
+    ``_used_windows``); pixels no window reaches get 0.
     """
     B, C, H, W = x_shape
     (sh, sw), (ph, pw) = stride, pad
-    OH, OW = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+    OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
     Hp, Wp = H + 2 * ph, W + 2 * pw
     overlap = sh < kh or sw < kw
     # Windows that tile the input exactly write every pixel once: no zeros needed underneath.
@@ -111,35 +123,38 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True):
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 
-def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
+def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     """Unfold every (kh, kw) window of x into one row.
 
     x (B,C,H,W) -> cols (B*OH*OW, kh*kw*C); rows ordered (b, oh, ow), columns (i, j, c), so a
     convolution is ``cols @ weight.transpose(0, 2, 3, 1).reshape(O, -1).T``. Zero padding.
     Columns run over channels fastest because then each row is kh runs of kw*C neighbours in a
-    channels-last input: the copy reads memory in order.
+    channels-last input: the copy reads memory in order. ``used`` (OH', OW'): only the windows
+    of the first OH' output rows and OW' columns.
     """
     if get_array_module(x) is not np:
-        return im2col_kernel(x, kh, kw, stride, pad)
+        return im2col_kernel(x, kh, kw, stride, pad, used)
     B, C = x.shape[:2]
-    win = _windows(_pad(x, pad, 0), kh, kw, stride).transpose(0, 2, 3, 4, 5, 1)  # B,OH,OW,kh,kw,C
+    OH, OW = _used_windows(x.shape, kh, kw, stride, pad, used)
+    win = _windows(_pad(x, pad, 0), kh, kw, stride)[:, :, :OH, :OW]
+    win = win.transpose(0, 2, 3, 4, 5, 1)                                        # B,OH,OW,kh,kw,C
     cols = np.empty(win.shape, dtype=x.dtype)
     over_batch(lambda lo, hi: np.copyto(cols[lo:hi], win[lo:hi]), B, cols.size)
     return cols.reshape(B * win.shape[1] * win.shape[2], kh * kw * C)
 
 
-def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
+def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     """Adjoint of ``im2col``: cols (B*OH*OW, kh*kw*C) -> (B,C,H,W), overlapping windows add."""
     if get_array_module(cols) is not np:
-        return col2im_kernel(cols, x_shape, kh, kw, stride, pad)
-    B, C, H, W = x_shape
-    OH, OW = out_size(H, kh, stride[0], pad[0]), out_size(W, kw, stride[1], pad[1])
+        return col2im_kernel(cols, x_shape, kh, kw, stride, pad, used)
+    B, C = x_shape[:2]
+    OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
     cols6 = cols.reshape(B, OH, OW, kh, kw, C).transpose(0, 5, 1, 2, 3, 4)   # B,C,OH,OW,kh,kw
     return _add_windows(lambda i, j, lo, hi: cols6[lo:hi, ..., i, j], x_shape, kh, kw, stride, pad,
-                        cols.dtype)
+                        cols.dtype, used=used)
 
 
-def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
+def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     """``col2im(dy2 @ w, ...)``, a convolution's input gradient, without the (B*OH*OW, K) product.
 
     dy2 (B*OH*OW, O), w (O, kh*kw*C) -> dx (B,C,H,W). On the CPU each kernel offset takes its C
@@ -148,16 +163,16 @@ def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0)):
     col2im gather kernel.
     """
     if get_array_module(dy2) is not np:
-        return col2im_kernel(dy2 @ w, x_shape, kh, kw, stride, pad)
+        return col2im_kernel(dy2 @ w, x_shape, kh, kw, stride, pad, used)
     B, C = x_shape[:2]
-    OH, OW = out_size(x_shape[2], kh, stride[0], pad[0]), out_size(x_shape[3], kw, stride[1], pad[1])
+    OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
     part = np.empty((B, OH, OW, C), dtype=dy2.dtype)
 
     def piece(i, j, lo, hi):                       # always the whole batch: threads=False below
         k = (i * kw + j) * C
         np.matmul(dy2, w[:, k:k + C], out=part.reshape(-1, C))
         return part.transpose(0, 3, 1, 2)
-    return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype, threads=False)
+    return _add_windows(piece, x_shape, kh, kw, stride, pad, dy2.dtype, threads=False, used=used)
 
 
 def add_bias(y, bias):
@@ -273,28 +288,27 @@ def avgpool2d_backward(dy, x_shape, kh, kw, stride, pad):
 # Each allocates its output on the input's device and launches one thread per output element of
 # the kernel named; ``launch`` is minicnn.cuda.launch on a GPU (the emulator's in the tests).
 
-def _geometry(x_shape, kh, kw, stride, pad):
+def _geometry(x_shape, kh, kw, stride, pad, used=None):
     """The int arguments every window kernel takes: B, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW."""
-    B, C, H, W = x_shape
-    OH, OW = out_size(H, kh, stride[0], pad[0]), out_size(W, kw, stride[1], pad[1])
-    return (B, C, H, W, kh, kw, stride[0], stride[1], pad[0], pad[1], OH, OW)
+    OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
+    return (*x_shape, kh, kw, stride[0], stride[1], pad[0], pad[1], OH, OW)
 
 
-def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), launch=None):
+def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, launch=None):
     """im2col by kernels/im2col.cu: x (B,C,H,W) -> cols (B*OH*OW, kh*kw*C)."""
     xp = get_array_module(x)
-    g = _geometry(x.shape, kh, kw, stride, pad)
+    g = _geometry(x.shape, kh, kw, stride, pad, used)
     B, C, OH, OW = g[0], g[1], g[10], g[11]
     cols = xp.empty((B * OH * OW, kh * kw * C), dtype=x.dtype)
     (launch or cuda.launch)("im2col.cu", "im2col", cols.size, x, cols, *g)
     return cols
 
 
-def col2im_kernel(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), launch=None):
+def col2im_kernel(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None, launch=None):
     """col2im by kernels/im2col.cu, a gather: one thread per input pixel -> (B,C,H,W)."""
     x = get_array_module(cols).empty(x_shape, dtype=cols.dtype)
     (launch or cuda.launch)("im2col.cu", "col2im", x.size, cols, x,
-                            *_geometry(x_shape, kh, kw, stride, pad))
+                            *_geometry(x_shape, kh, kw, stride, pad, used))
     return x
 
 

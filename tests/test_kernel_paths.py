@@ -52,6 +52,33 @@ def test_kernel_paths_match_the_numpy_ops(shape, k, s, p):
                                   ops.avgpool2d_backward(dy, shape, *k, s, p))
 
 
+@pytest.mark.parametrize("shape,k,s,p", CASES)
+def test_window_kernels_for_the_leading_windows_only(shape, k, s, p):
+    """im2col and col2im over the leading windows only (a convolution cut short for a pool): the
+    kernels equal the NumPy ops, which equal the full ones' leading rows (im2col) and col2im of
+    the full columns with zeros for the windows left out."""
+    rng = np.random.default_rng(1)
+    x = unique_values(rng, shape) - 0.5
+    full = ops.im2col(x, *k, s, p)
+    OH, OW = ops.out_size(shape[2], k[0], s[0], p[0]), ops.out_size(shape[3], k[1], s[1], p[1])
+    for used in ((OH - 1, OW), (OH, OW - 1), (1, 1)):
+        cols = ops.im2col(x, *k, s, p, used)
+        np.testing.assert_array_equal(
+            cols, full.reshape(shape[0], OH, OW, -1)[:, :used[0], :used[1]].reshape(cols.shape))
+        np.testing.assert_array_equal(ops.im2col_kernel(x, *k, s, p, used, launch=emulator.launch),
+                                      cols)
+        dcols = rng.standard_normal(cols.shape)
+        padded = np.zeros((shape[0], OH, OW, full.shape[1]))
+        padded[:, :used[0], :used[1]] = dcols.reshape(shape[0], *used, -1)
+        dx = ops.col2im(dcols, shape, *k, s, p, used)
+        np.testing.assert_array_equal(dx, ops.col2im(padded.reshape(full.shape), shape, *k, s, p))
+        np.testing.assert_array_equal(
+            ops.col2im_kernel(dcols, shape, *k, s, p, used, launch=emulator.launch), dx)
+    with pytest.raises(ValueError, match=r"used windows \(%d, 1\) must lie within the output "
+                                         r"size" % (OH + 1)):
+        ops.im2col(x, *k, s, p, (OH + 1, 1))
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_pooling_kernels_read_other_layouts(layout):
     """A convolution's output is an NCHW view of a channels-last buffer: the forward pooling

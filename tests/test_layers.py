@@ -260,3 +260,54 @@ def test_threaded_ops_equal_the_serial_ones(monkeypatch, k, s, p, shape):
     monkeypatch.setattr(ops, "_THREADS", 3)
     for a, b in zip(run(), serial):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pool_reach_is_the_part_of_the_input_its_windows_read():
+    """``reach`` cuts an input to the rows and columns the windows read: pooling the cut input
+    gives the same output, and the last row and column kept are read (every kernel and stride
+    up to 4, every allowed padding, sizes up to 12)."""
+    rng = np.random.default_rng(19)
+    cut_somewhere = 0
+    for k in range(1, 5):
+        for s, p in ((s, p) for s in range(1, 5) for p in range(k // 2 + 1)):
+            for n in range(max(1, k - 2 * p), 13):
+                x = rng.standard_normal((1, 2, n, n + 1))
+                for cls in (MaxPool2d, AvgPool2d):
+                    pool = cls(k, stride=s, padding=p)
+                    h, w = pool.reach((n, n + 1))
+                    assert (h, w) <= (n, n + 1)
+                    np.testing.assert_array_equal(pool(x[:, :, :h, :w]), pool(x))
+                    # the last row and column kept are read: a large value there shows
+                    for at in (np.s_[:, :, h - 1, :w], np.s_[:, :, :h, w - 1]):
+                        marked = x.copy()
+                        marked[at] = 1e6
+                        assert not np.array_equal(pool(marked), pool(x))
+                    cut_somewhere += (h, w) != (n, n + 1)
+    assert cut_somewhere > 100
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,bhw", CONV_CASES)
+def test_convolution_cut_short_for_a_pool(float64, cin, cout, k, s, p, bhw):
+    """``Conv2d.forward(x, pool=...)`` computes the leading outputs the pool reads: they equal the
+    full output's (to the bit), and backward gives the same dx and, within float64 rounding, the
+    same parameter gradients as the full convolution with zeros where the pool does not read."""
+    minicnn.seed(20)
+    conv = Conv2d(cin, cout, k, stride=s, padding=p)
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((bhw[0], cin) + bhw[1:])
+    full = conv(x)
+    pool = MaxPool2d(2)
+    h, w = pool.reach(full.shape[2:])
+    y = conv.forward(x, pool=pool)
+    assert y.shape == full.shape[:2] + (h, w)
+    np.testing.assert_array_equal(y, full[:, :, :h, :w])
+    dy = rng.standard_normal(y.shape)
+    dx = conv.backward(dy)
+    grads = [p.grad.copy() for p in conv.parameters()]
+    conv.zero_grad()
+    conv(x)
+    dy_full = np.zeros(full.shape)
+    dy_full[:, :, :h, :w] = dy
+    np.testing.assert_allclose(dx, conv.backward(dy_full), rtol=1e-13, atol=1e-13)
+    for g, p in zip(grads, conv.parameters()):
+        np.testing.assert_allclose(g, p.grad, rtol=1e-13, atol=1e-13)
