@@ -146,9 +146,9 @@ class Conv2d(Module):
             self.bias.grad += _column_sums(dy2)          # from the float32 dy2 in both cases
         if half:
             dy2 = amp.half(dy2)
-        dw = amp.matmul_half(dy2.T, cols) if half else dy2.T @ cols
-        dw = dw.reshape(self.out_channels, kh, kw, self.in_channels)
-        self.weight.grad += dw.transpose(0, 3, 1, 2)
+        # cols.T @ dy2 rather than dy2.T @ cols: as fast or faster with either layout of cols.
+        dw = amp.matmul_half(cols.T, dy2) if half else cols.T @ dy2             # K, O
+        self.weight.grad += dw.reshape(kh, kw, self.in_channels, -1).transpose(3, 2, 0, 1)
         if not input_grad:
             return None
         if half:

@@ -188,7 +188,7 @@ def _plain_conv(conv, x, dy):
     y += conv.bias.data
     B, _, OH, OW = dy.shape
     dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, conv.out_channels)
-    dw = (dy2.T @ cols).reshape(conv.out_channels, kh, kw, conv.in_channels).transpose(0, 3, 1, 2)
+    dw = (cols.T @ dy2).reshape(kh, kw, conv.in_channels, conv.out_channels).transpose(3, 2, 0, 1)
     db = np.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2
     dx = ops.col2im_matmul(dy2, wm, x.shape, kh, kw, conv.stride, conv.padding)
     return y.reshape(B, OH, OW, -1).transpose(0, 3, 1, 2), dx, dw, db

@@ -311,3 +311,28 @@ def test_convolution_cut_short_for_a_pool(float64, cin, cout, k, s, p, bhw):
     np.testing.assert_allclose(dx, conv.backward(dy_full), rtol=1e-13, atol=1e-13)
     for g, p in zip(grads, conv.parameters()):
         np.testing.assert_allclose(g, p.grad, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,bhw", CONV_CASES)
+def test_im2col_in_either_memory_layout(cin, cout, k, s, p, bhw):
+    """im2col of an NCHW-contiguous input (transposed layout, read plane by plane) and of a
+    channels-last one (row layout) both equal a loop over windows (float64, exact)."""
+    from minicnn import ops
+    (kh, kw), (sh, sw), (ph, pw) = _pair(k), _pair(s), _pair(p)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((bhw[0], cin) + bhw[1:])
+    B, C, H, W = x.shape
+    OH, OW = ops.out_size(H, kh, sh, ph), ops.out_size(W, kw, sw, pw)
+    ref = np.zeros((B, OH, OW, kh, kw, C))
+    for b, oh, ow, i, j in np.ndindex(B, OH, OW, kh, kw):
+        h, w = oh * sh - ph + i, ow * sw - pw + j
+        if 0 <= h < H and 0 <= w < W:
+            ref[b, oh, ow, i, j] = x[b, :, h, w]
+    ref = ref.reshape(B * OH * OW, -1)
+    nchw = ops.im2col(x, kh, kw, (sh, sw), (ph, pw))
+    last = ops.im2col(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+                      kh, kw, (sh, sw), (ph, pw))
+    np.testing.assert_array_equal(nchw, ref)
+    np.testing.assert_array_equal(last, ref)
+    assert nchw.T.flags.c_contiguous
+    assert last.flags.c_contiguous or cin == 1      # one channel: both orders are one memory
