@@ -17,7 +17,7 @@ operands in fp32 (see minicnn/amp.py). On the CPU minicnn's fp16 is an emulation
 operands fed to sgemm), so expect it no faster than fp32 there; PyTorch's CPU fp16 convolutions
 are much slower than its fp32 ones.
 
-Method as benchmarks/train.py (whose ``median_rates`` and ``_synchronizer`` are used): warm-up
+Method as benchmarks/train.py (whose ``median_rates``, ``timed`` and ``_synchronizer`` are used): warm-up
 steps excluded, each figure the median over ``--repeats`` of the rate of ``--steps`` steps, the
 contenders taking turns, the device synchronised before the clock is read.
 """
@@ -46,8 +46,9 @@ def _load_train_benchmark():
 
 
 _train_bench = _load_train_benchmark()
-median_rates, _synchronizer, environment = (_train_bench.median_rates, _train_bench._synchronizer,
-                                            _train_bench.environment)
+median_rates, timed, _synchronizer, environment = (
+    _train_bench.median_rates, _train_bench.timed, _train_bench._synchronizer,
+    _train_bench.environment)
 
 
 # --- minicnn -------------------------------------------------------------------------------------
@@ -167,7 +168,8 @@ def main(argv=None):
         steps["minicnn_fp16"] = minicnn_step(x, y, device, amp=True)
         if have_torch:
             steps["torch_fp16"] = torch_step(x, y, device, amp=True)
-    rate = median_rates(steps, args.batch_size, args.steps, args.repeats, sync, warmup=args.warmup)
+    runners = {name: timed(step, sync) for name, step in steps.items()}
+    rate = median_rates(runners, args.batch_size, args.steps, args.repeats, warmup=args.warmup)
 
     print(f"{'precision':<10} {'minicnn img/s':>14} {'ms/step':>9} {'PyTorch img/s':>14} "
           f"{'ms/step':>9} {'ratio':>7}")

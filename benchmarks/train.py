@@ -11,6 +11,12 @@ runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate column)
 the timer synchronises the device before reading the clock. Warm-up steps are excluded; each
 figure is the median over ``--repeats`` of the rate of ``--steps`` steps, the frameworks taking
 turns so that a slow spell of the machine hits all of them.
+
+On the CPU, PyTorch is timed twice. "PyTorch" runs in this process, where importing minicnn has
+told glibc to keep freed memory for reuse (``minicnn.backend.keep_freed_memory``), which speeds
+PyTorch's large temporaries up as much as minicnn's: the like-for-like comparison, and the one
+the ratio is taken against. "PyTorch alone" runs in a process of its own with glibc's default
+allocator, as a PyTorch script does, and takes its turns through a pipe.
 """
 import argparse
 import json
@@ -52,22 +58,65 @@ def torch_usable(device, refused=False):
     return device == "cpu" or torch.cuda.is_available()
 
 
-def median_rates(steps_by_name, batch, steps, repeats, sync, warmup=3):
-    """{name: step function} -> {name: median images/s}; contenders take turns per repeat."""
-    for step in steps_by_name.values():
-        for _ in range(warmup):
+def timed(step, sync):
+    """A runner: ``run(n)`` takes ``n`` steps and returns the seconds they took (device synced)."""
+    def run(n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
             step()
-    sync()
-    rates = {name: [] for name in steps_by_name}
+        sync()
+        return time.perf_counter() - t0
+    return run
+
+
+def median_rates(runners, batch, steps, repeats, warmup=3):
+    """{name: runner (``timed``)} -> {name: median images/s}; contenders take turns per repeat."""
+    for run in runners.values():
+        run(warmup)
+    rates = {name: [] for name in runners}
     for _ in range(repeats):
-        for name, step in steps_by_name.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            rates[name].append(batch * steps / (time.perf_counter() - t0))
+        for name, run in runners.items():
+            rates[name].append(batch * steps / run(steps))
     return {name: statistics.median(r) for name, r in rates.items()}
+
+
+class TorchAlone:
+    """A runner for PyTorch's CPU step in a process of its own, with glibc's default allocator:
+    ``run(n)`` sends n down the child's stdin and reads back the seconds n steps took."""
+
+    def __init__(self, batch):
+        import subprocess
+        env = dict(os.environ, MINICNN_KEEP_FREED_MEMORY="0")
+        self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker",
+                                       str(batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=env)
+
+    def __call__(self, n):
+        self.child.stdin.write(f"{n}\n")
+        self.child.stdin.flush()
+        answer = self.child.stdout.readline()
+        if not answer:
+            raise RuntimeError("the PyTorch worker process ended; its error is above")
+        return float(answer)
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def torch_worker(batch):
+    """The child of ``TorchAlone``: for each n read from stdin, take n steps, print the seconds."""
+    x, y = batch_data(batch)
+    run = timed(torch_step(x, y, "cpu"), lambda: None)
+    for line in sys.stdin:
+        print(run(int(line)), flush=True)
+
+
+def batch_data(batch):
+    """A random MNIST-shaped batch (x, y); every framework trains on the same one."""
+    rng = np.random.default_rng(batch)
+    return rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch)
 
 
 def minicnn_model(device):
@@ -193,7 +242,10 @@ def main(argv=None):
     ap.add_argument("--layers", action="store_true", help="also time each layer at the first batch size")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--torch-worker", type=int, metavar="BATCH", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.torch_worker:
+        return torch_worker(args.torch_worker)
 
     device = minicnn.device(args.device).type
     sync = _synchronizer(device)
@@ -203,32 +255,34 @@ def main(argv=None):
     print(f"training step of the example network, fp32, Adam; median of {args.repeats} x "
           f"{args.steps} steps")
     names = {"minicnn": "minicnn", "minicnn_graph": "minicnn graph", "torch": "PyTorch",
-             "torch_tf32": "PyTorch TF32"}
-    rng = np.random.default_rng(0)
+             "torch_tf32": "PyTorch TF32", "torch_alone": "PyTorch alone"}
     results = []
     for batch in args.batch_sizes:
-        x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
-        y = rng.integers(0, 10, batch)
-        steps = {"minicnn": minicnn_step(x, y, device)}
+        x, y = batch_data(batch)
+        runners = {"minicnn": timed(minicnn_step(x, y, device), sync)}
         if device == "cuda":
-            steps["minicnn_graph"] = minicnn_step(x, y, device, graph=True)
+            runners["minicnn_graph"] = timed(minicnn_step(x, y, device, graph=True), sync)
+        alone = None
         if have_torch:
-            steps["torch"] = torch_step(x, y, device)
+            runners["torch"] = timed(torch_step(x, y, device), sync)
             if device == "cuda":
-                steps["torch_tf32"] = torch_step(x, y, device, tf32=True)
-        rate = median_rates(steps, batch, args.steps, args.repeats, sync)
+                runners["torch_tf32"] = timed(torch_step(x, y, device, tf32=True), sync)
+            else:
+                runners["torch_alone"] = alone = TorchAlone(batch)
+        try:
+            rate = median_rates(runners, batch, args.steps, args.repeats)
+        finally:
+            if alone is not None:
+                alone.close()
         results.append({"batch": batch, **{f"{k}_images_per_s": v for k, v in rate.items()}})
+        # each minicnn column against PyTorch in this process, and against PyTorch alone
+        ratios = [(k, base) for base in ("torch", "torch_alone") if base in rate
+                  for k in rate if k.startswith("minicnn")]
         if batch == args.batch_sizes[0]:
-            header = f"{'batch':>6}" + "".join(f" {names[k] + ' img/s':>19}" for k in rate)
-            if have_torch:
-                header += "".join(f" {names[k] + ' / PyTorch':>24}" for k in rate
-                                  if k.startswith("minicnn"))
-            print(header)
-        line = f"{batch:>6}" + "".join(f" {v:>19,.0f}" for v in rate.values())
-        if have_torch:
-            line += "".join(f" {v / rate['torch']:>23.2f}x" for k, v in rate.items()
-                            if k.startswith("minicnn"))
-        print(line, flush=True)
+            print(f"{'batch':>6}" + "".join(f" {names[k] + ' img/s':>19}" for k in rate)
+                  + "".join(f" {names[k] + ' / ' + names[b]:>24}" for k, b in ratios))
+        print(f"{batch:>6}" + "".join(f" {v:>19,.0f}" for v in rate.values())
+              + "".join(f" {rate[k] / rate[b]:>23.2f}x" for k, b in ratios), flush=True)
 
     layers = None
     if args.layers:
