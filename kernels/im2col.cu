@@ -11,9 +11,13 @@
 // Row r = (b*OH + oh)*OW + ow and column k = (i*kw + j)*C + c of cols hold
 //   x[b, c, oh*sh - ph + i, ow*sw - pw + j]      (kernel offset (i, j), channel c fastest)
 // or 0 where that position lies in the zero padding.
+// im2col can order its rows in blocks instead (th, tw > 1, dividing OH, OW): row
+//   r = (((p*tw + q)*B + b)*OH2 + oh2)*OW2 + ow2,   OH2 = OH/th, OW2 = OW/tw,
+// for output pixel (oh, ow) = (oh2*th + p, ow2*tw + q): one block of rows per offset (p, q) of a
+// th x tw pooling window (maxpool_blocks in minicnn/ops.py). th = tw = 1 is the order above.
 //
 // im2col: one thread per element of cols, flat index idx = r*K + k
-//         = ((((b*OH + oh)*OW + ow)*kh + i)*kw + j)*C + c.
+//         = ((((b*OH + oh)*OW + ow)*kh + i)*kw + j)*C + c   (th = tw = 1).
 // col2im: one thread per element of x, flat index idx = ((b*C + c)*H + h)*W + w. A gather: the
 //         thread adds up every cols entry that im2col copied from its pixel, kernel offsets
 //         (i, j) in ascending order, starting from 0 -- exactly the order in which the NumPy
@@ -32,18 +36,22 @@
 
 extern "C" __global__ void im2col(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
                                   int B, int C, int H, int W, int kh, int kw, int sh, int sw,
-                                  int ph, int pw, int OH, int OW) {
+                                  int ph, int pw, int OH, int OW, int th, int tw) {
     const long long total = (long long)B * OH * OW * kh * kw * C;     // elements of cols
+    const int OH2 = OH / th, OW2 = OW / tw;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
-        // idx -> (b, oh, ow, i, j, c), c fastest
+        // idx -> (p, q, b, oh2, ow2, i, j, c), c fastest
         long long t = idx;
-        const int c = (int)(t % C);   t /= C;
-        const int j = (int)(t % kw);  t /= kw;
-        const int i = (int)(t % kh);  t /= kh;
-        const int ow = (int)(t % OW); t /= OW;
-        const int oh = (int)(t % OH);
-        const long long b = t / OH;
+        const int c = (int)(t % C);     t /= C;
+        const int j = (int)(t % kw);    t /= kw;
+        const int i = (int)(t % kh);    t /= kh;
+        const int ow2 = (int)(t % OW2); t /= OW2;
+        const int oh2 = (int)(t % OH2); t /= OH2;
+        const long long b = t % B;      t /= B;
+        const int q = (int)(t % tw);
+        const int p = (int)(t / tw);
+        const int oh = oh2 * th + p, ow = ow2 * tw + q;
         // the input pixel that kernel offset (i, j) of window (oh, ow) lands on
         const int h = oh * sh - ph + i;
         const int w = ow * sw - pw + j;

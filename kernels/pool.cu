@@ -22,11 +22,14 @@
 //     y = max(0, window) and argmax = -1 where no value beats 0 (the backward sends nothing).
 //   avgpool2d_forward: y = sum of the window over the zero-padded input / (kh*kw)
 //     (padding counts: count_include_pad=True).
+//   maxpool_blocks_forward: the same maximum over windows laid out as blocks, x (K, M): x[k*M + m]
+//     is value k of window m (a convolution's output in im2col's block order); y, argmax (M).
 // Backward kernels: gathers, one thread per input element, idx = ((b*C + c)*H + h)*W + w. The
 //   thread visits every window that covers its pixel, offsets (i, j) ascending, and adds
 //   (from 0) what that window sends back:
 //   maxpool2d_backward: dy of the window if the window's argmax is the pixel's offset in it;
 //   avgpool2d_backward: dy of the window / (kh*kw).
+//   maxpool_blocks_backward: one thread per element of dx (K, M): dy[m] if offset k won window m.
 //   No atomicAdd: each dx element is written by one thread, in a fixed order, so the results are
 //   deterministic and bit-identical to the NumPy ops, which add offset by offset in this order.
 // All kernels loop grid-stride over a 64-bit flat index, so a grid of any size covers everything.
@@ -39,6 +42,18 @@
 #ifndef acc_t
 #define acc_t scalar_t
 #endif
+
+// One step of the running maximum of the max-pool forward kernels: offset k holds value v.
+__device__ __forceinline__ void running_max(scalar_t v, int k, scalar_t& best, int& arg,
+                                            bool& seen) {
+    if (!seen || v > best) {          // strictly greater: the first maximum wins
+        best = v;
+        arg = k;
+        seen = true;
+    } else if (v != v) {              // NaN: propagates into y, argmax stays
+        best = v;
+    }
+}
 
 extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ y, int* __restrict__ argmax,
@@ -63,18 +78,37 @@ extern "C" __global__ void maxpool2d_forward(const scalar_t* __restrict__ x,
             for (int j = 0; j < kw; ++j) {
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;                        // padding column
-                const scalar_t v = plane[h * xh + w * xw];
-                if (!seen || v > best) {          // strictly greater: the first maximum wins
-                    best = v;
-                    arg = i * kw + j;
-                    seen = true;
-                } else if (v != v) {              // NaN: propagates into y, argmax stays
-                    best = v;
-                }
+                running_max(plane[h * xh + w * xw], i * kw + j, best, arg, seen);
             }
         }
         y[idx] = best;
         argmax[idx] = arg;
+    }
+}
+
+extern "C" __global__ void maxpool_blocks_forward(const scalar_t* __restrict__ x,
+                                                  scalar_t* __restrict__ y,
+                                                  int* __restrict__ argmax, long long M, int K,
+                                                  int relu) {
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < M;
+         idx += (long long)blockDim.x * gridDim.x) {
+        scalar_t best = 0;
+        bool seen = relu != 0;          // with the ReLU, 0 is the value to beat, held by no offset
+        int arg = -1;
+        for (int k = 0; k < K; ++k) running_max(x[k * M + idx], k, best, arg, seen);
+        y[idx] = best;
+        argmax[idx] = arg;
+    }
+}
+
+extern "C" __global__ void maxpool_blocks_backward(const scalar_t* __restrict__ dy,
+                                                   const int* __restrict__ argmax,
+                                                   scalar_t* __restrict__ dx, long long M, int K) {
+    const long long total = M * K;                                    // elements of dx
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        const long long m = idx % M;
+        dx[idx] = argmax[m] == (int)(idx / M) ? dy[m] : (scalar_t)0;
     }
 }
 

@@ -211,7 +211,7 @@ def matmul(a, b):
     return matmul_half(half(a), half(b))
 
 
-def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
+def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None):
     """``half(ops.im2col(x, ...))``: the unfolded windows as float16 operands.
 
     On the CPU the input is rounded before unfolding (kh*kw times fewer values to round, the same
@@ -219,8 +219,8 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     then cast (the kernels are compiled for float32 and float64 only).
     """
     if get_array_module(x) is np:
-        return ops.im2col(half(x), kh, kw, stride, pad, used)
-    return half(ops.im2col(x, kh, kw, stride, pad, used))
+        return ops.im2col(half(x), kh, kw, stride, pad, used, blocks)
+    return half(ops.im2col(x, kh, kw, stride, pad, used, blocks))
 
 
 def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):

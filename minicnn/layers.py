@@ -84,9 +84,14 @@ class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
-    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass. ``forward(x, pool=p)``,
-    where the pooling layer ``p`` reads y next, computes only the leading rows and columns of y
-    that p's windows reach (``p.reach``), y (B, out_channels, OH', OW'): the same pooled values.
+    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass.
+
+    ``forward(x, pool=p)``, for the pooling layer ``p`` that reads y next, computes only the
+    leading rows and columns of y that p's windows reach (``p.reach``): y (B, O, OH', OW'). When
+    p is a max pool whose windows tile them (``pooled_by_conv(p)``), the layer also applies p
+    and returns p's output, and its backward takes p's output gradient: its im2col orders the
+    rows window by window, so that the pooling runs over contiguous blocks (``ops.maxpool_blocks``);
+    ``relu`` then folds into the pooling, where relu(max) = max(relu).
     """
 
     fuses_relu = True
@@ -119,26 +124,38 @@ class Conv2d(Module):
         used = None if pool is None else pool.reach((OH, OW))
         if used is not None:
             OH, OW = used
+        blocks = pool.kernel_size if pooled_by_conv(pool) else None
         window = (*self.kernel_size, self.stride, self.padding, used)
         x = x.astype(self.weight.dtype, copy=False)
         half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
         if half:
-            cols = amp.im2col(x, *window)
+            cols = amp.im2col(x, *window, blocks)
             wh = amp.half(self._weight_matrix())        # rounded once, kept for backward
             y = amp.matmul_half(cols, wh.T)
         else:
-            cols = ops.im2col(x, *window)                           # B*OH*OW, K
+            cols = ops.im2col(x, *window, blocks)                   # B*OH*OW, K
             y = cols @ self._weight_matrix().T                      # B*OH*OW, O
-        y = _bias_then_relu(self, y, relu)
+        pooled = None
+        if blocks:
+            y = _bias_then_relu(self, y, False)
+            th, tw = blocks
+            y, argmax = ops.maxpool_blocks(y.reshape(th * tw, -1, self.out_channels), relu)
+            pooled, relu, OH, OW = (blocks, argmax), False, OH // th, OW // tw
+        else:
+            y = _bias_then_relu(self, y, relu)
         if self.training:
-            self._cache = (cols, x.shape, window, wh if half else None, y if relu else None)
+            self._cache = (cols, x.shape, window, wh if half else None, y if relu else None,
+                           pooled)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape, window, wh, relu_out = self._pop_cache()
+        cols, x_shape, window, wh, relu_out, pooled = self._pop_cache()
         half = wh is not None                # the forward ran under autocast: so do the products
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
+        if pooled is not None:               # dy is the pool's: to the winners, block by block
+            (th, tw), argmax = pooled
+            dy2 = ops.maxpool_blocks_backward(dy2, argmax, th * tw).reshape(-1, self.out_channels)
         if relu_out is not None:
             dy2 = fused.relu_backward(dy2, relu_out)
         kh, kw = self.kernel_size
@@ -151,6 +168,10 @@ class Conv2d(Module):
         self.weight.grad += dw.reshape(kh, kw, self.in_channels, -1).transpose(3, 2, 0, 1)
         if not input_grad:
             return None
+        if pooled is not None:               # back from window order to col2im's (b, oh, ow)
+            OH, OW = window[-1]
+            dy2 = dy2.reshape(th, tw, x_shape[0], OH // th, OW // tw, -1)
+            dy2 = dy2.transpose(2, 3, 0, 4, 1, 5).reshape(-1, self.out_channels)
         if half:
             return amp.col2im_matmul(dy2, wh, x_shape, *window)
         return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *window)
@@ -210,6 +231,13 @@ class Linear(Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
+
+
+def pooled_by_conv(pool):
+    """Whether a convolution right before ``pool`` applies it itself (``Conv2d.forward``): a
+    MaxPool2d whose windows tile what they read (stride = kernel, no padding)."""
+    return (type(pool) is MaxPool2d and pool.stride == pool.kernel_size
+            and pool.padding == (0, 0))
 
 
 class _Pool2d(Module):

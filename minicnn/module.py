@@ -310,14 +310,17 @@ class Sequential(Module):
           bias's pass) is done there (``relu=True``), not on its own;
         - a Conv2d right before a pooling layer is handed it (``pool=``) and computes only the
           outputs whose rows and columns the pool's windows reach: a 2x2 pool over an 11x11
-          map reads 10x10 of it, and the convolution does 17% less work.
+          map reads 10x10 of it, and the convolution does 17% less work. A max pool whose
+          windows tile that (``layers.pooled_by_conv``) is then applied by the convolution,
+          over contiguous blocks, and leaves the plan (a ReLU it took goes with it).
 
         So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward. Outputs and
         gradients are those of the given order to the last bit, except that a cropped
         convolution's weight and bias gradients leave out terms that are exactly zero, which may
         regroup BLAS's partial sums (a difference in the last bits).
         """
-        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d     # layers.py builds on this module
+        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d, pooled_by_conv  # (layers.py
+        # builds on this module)
         order = self._layers()
         for i in range(len(order) - 1):
             if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
@@ -329,10 +332,16 @@ class Sequential(Module):
                 plan[-1][1]["relu"] = True
             else:
                 plan.append((layer, {}))
-        for (layer, opts), (after, _) in zip(plan, plan[1:]):
-            if type(layer) is Conv2d and isinstance(after, _Pool2d):
-                opts["pool"] = after
-        return plan
+        fused = []
+        for layer, opts in plan:
+            conv, conv_opts = fused[-1] if fused else (None, {})
+            if type(conv) is Conv2d and isinstance(layer, _Pool2d) and "pool" not in conv_opts:
+                conv_opts["pool"] = layer
+                if pooled_by_conv(layer):
+                    conv_opts["relu"] = conv_opts.get("relu", False) or opts.get("relu", False)
+                    continue
+            fused.append((layer, opts))
+        return fused
 
     def __getitem__(self, i):
         layers = self._layers()

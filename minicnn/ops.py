@@ -123,7 +123,7 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True, used=
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 
-def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
+def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None):
     """Unfold every (kh, kw) window of x into one row.
 
     x (B,C,H,W) -> cols (B*OH*OW, kh*kw*C); rows ordered (b, oh, ow), columns (i, j, c), so a
@@ -132,26 +132,41 @@ def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
     channels-last input: the copy reads memory in order. ``used`` (OH', OW'): only the windows
     of the first OH' output rows and OW' columns.
 
+    ``blocks`` (th, tw), dividing (OH, OW): rows ordered (p, q, b, oh2, ow2) for output pixel
+    (oh2*th + p, ow2*tw + q) instead, so that the convolution's output holds, for each offset
+    (p, q) of a th x tw pooling window that tiles it, one block of B*OH/th*OW/tw contiguous rows
+    (``maxpool_blocks``).
+
     On the CPU the memory layout follows x's, so that the copy reads x in order: a channels-last
     x (every layer's output) gives C-ordered rows; a C-contiguous NCHW x (the data, at the first
     layer) gives the transposed layout, each column one window-strided plane of x, and ``cols``
     is the (B*OH*OW, K) view of that (K, B*OH*OW) array (6x faster for one channel).
     """
     if get_array_module(x) is not np:
-        return im2col_kernel(x, kh, kw, stride, pad, used)
+        return im2col_kernel(x, kh, kw, stride, pad, used, blocks)
     B, C = x.shape[:2]
     OH, OW = _used_windows(x.shape, kh, kw, stride, pad, used)
+    th, tw = _blocks(OH, OW, blocks)
     win = _windows(_pad(x, pad, 0), kh, kw, stride)[:, :, :OH, :OW]             # B,C,OH,OW,kh,kw
+    win = win.reshape(B, C, OH // th, th, OW // tw, tw, kh, kw)
     if x.flags.c_contiguous:
-        win = win.transpose(4, 5, 1, 0, 2, 3)                                    # kh,kw,C,B,OH,OW
+        win = win.transpose(6, 7, 1, 3, 5, 0, 2, 4)                     # kh,kw,C,th,tw,B,OH2,OW2
         cols = np.empty(win.shape, dtype=x.dtype)
-        over_batch(lambda lo, hi: np.copyto(cols[:, :, :, lo:hi], win[:, :, :, lo:hi]), B,
+        over_batch(lambda lo, hi: np.copyto(cols[..., lo:hi, :, :], win[..., lo:hi, :, :]), B,
                    cols.size)
         return cols.reshape(kh * kw * C, B * OH * OW).T
-    win = win.transpose(0, 2, 3, 4, 5, 1)                                        # B,OH,OW,kh,kw,C
+    win = win.transpose(3, 5, 0, 2, 4, 6, 7, 1)                         # th,tw,B,OH2,OW2,kh,kw,C
     cols = np.empty(win.shape, dtype=x.dtype)
-    over_batch(lambda lo, hi: np.copyto(cols[lo:hi], win[lo:hi]), B, cols.size)
+    over_batch(lambda lo, hi: np.copyto(cols[:, :, lo:hi], win[:, :, lo:hi]), B, cols.size)
     return cols.reshape(B * OH * OW, kh * kw * C)
+
+
+def _blocks(OH, OW, blocks):
+    """(th, tw) of ``im2col``'s row blocks, (1, 1) for none; they must tile (OH, OW)."""
+    th, tw = blocks or (1, 1)
+    if OH % th or OW % tw:
+        raise ValueError(f"blocks {(th, tw)} must divide the output size {(OH, OW)}")
+    return th, tw
 
 
 def col2im(cols, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
@@ -232,7 +247,7 @@ def maxpool2d(x, kh, kw, stride, pad, relu=False):
 
     x (B,C,H,W) -> y (B,C,OH,OW) and argmax (B,C,OH,OW), the offset i*kw + j of the winner inside
     its window, in the smallest signed type that holds kh*kw (int8 for kernels up to 11x11).
-    A running maximum over the kh*kw offsets: no window is ever copied.
+    A running maximum over the kh*kw offsets (``_running_max``): no window is ever copied.
 
     ``relu=True`` gives relu(max(window)) = max(0, window) by starting the running maximum at 0
     instead of at the first offset: a ReLU after the pool for free. Where no value beats 0 the
@@ -241,26 +256,64 @@ def maxpool2d(x, kh, kw, stride, pad, relu=False):
     if get_array_module(x) is not np:
         return maxpool2d_kernel(x, kh, kw, stride, pad, relu)
     win = _windows(_pad(x, pad, -np.inf), kh, kw, stride)
-    index_type = np.result_type(np.int8, np.min_scalar_type(kh * kw))
-    first = win[..., 0, 0]
+    return _running_max(lambda k: win[..., k // kw, k % kw], kh * kw, relu)
+
+
+def _running_max(offset, K, relu):
+    """Max over ``offset(k)``, k < K, arrays of one shape whose first axis is the batch; the
+    first maximum wins ties, a NaN propagates into the maximum. -> (max, argmax k).
+
+    Offsets are visited in ascending order and a later one wins only when strictly greater.
+    ``relu``: the maximum starts at 0, held by no offset (argmax -1).
+    """
+    first = offset(0)
+    index_type = np.result_type(np.int8, np.min_scalar_type(K))
     y = np.zeros_like(first) if relu else np.copy(first, order="K")
     # The running argmax holds winner + 1, 0 for none yet: offsets only grow, so a maximum with
     # (k + 1) where offset k wins puts it exactly there (far cheaper than a masked copy).
     argmax = np.full_like(y, 0 if relu else 1, dtype=index_type)
     better = np.empty_like(y, dtype=bool)
-    offset = np.empty_like(argmax)
+    step = np.empty_like(argmax)
 
     def run(lo, hi):
-        ys, am, bt, off = y[lo:hi], argmax[lo:hi], better[lo:hi], offset[lo:hi]
-        for k in range(0 if relu else 1, kh * kw):
-            v = win[lo:hi, ..., k // kw, k % kw]
+        ys, am, bt, st = y[lo:hi], argmax[lo:hi], better[lo:hi], step[lo:hi]
+        for k in range(0 if relu else 1, K):
+            v = offset(k)[lo:hi]
             np.greater(v, ys, out=bt)             # strictly greater: an equal later value loses
             np.maximum(ys, v, out=ys)             # NaN propagates into y
-            np.multiply(bt, index_type.type(k + 1), out=off)
-            np.maximum(am, off, out=am)
+            np.multiply(bt, index_type.type(k + 1), out=st)
+            np.maximum(am, st, out=am)
         am -= 1
-    over_batch(run, x.shape[0], win.size)
+    over_batch(run, first.shape[0], first.size * K)
     return y, argmax
+
+
+def maxpool_blocks(x, relu=False):
+    """Max pooling of windows laid out as blocks: x (K, M, ...), x[k] the k-th value of every
+    window -> y, argmax (M, ...), as ``maxpool2d`` (first maximum wins, NaN propagates, ``relu``
+    starts at 0 with argmax -1; argmax int8 on the CPU, int32 on a GPU).
+
+    A convolution whose rows ``im2col(..., blocks=)`` ordered window by window hands its output
+    to a tiling max pool this way: every operand is contiguous, where ``maxpool2d`` would read
+    strided windows.
+    """
+    if get_array_module(x) is not np:
+        return maxpool_blocks_kernel(x, relu)
+    return _running_max(lambda k: x[k], x.shape[0], relu)
+
+
+def maxpool_blocks_backward(dy, argmax, K):
+    """Backward of ``maxpool_blocks``: dy, argmax (M, ...) -> dx (K, M, ...), dx[k] = dy where
+    offset k won, else 0."""
+    if get_array_module(dy) is not np:
+        return maxpool_blocks_backward_kernel(dy, argmax, K)
+    dx = np.empty((K,) + dy.shape, dtype=dy.dtype)
+
+    def run(lo, hi):
+        for k in range(K):
+            np.multiply(dy[lo:hi], argmax[lo:hi] == k, out=dx[k, lo:hi])
+    over_batch(run, dy.shape[0], dx.size)
+    return dx
 
 
 def maxpool2d_backward(dy, argmax, x_shape, kh, kw, stride, pad):
@@ -305,13 +358,14 @@ def _geometry(x_shape, kh, kw, stride, pad, used=None):
     return (*x_shape, kh, kw, stride[0], stride[1], pad[0], pad[1], OH, OW)
 
 
-def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, launch=None):
+def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None, launch=None):
     """im2col by kernels/im2col.cu: x (B,C,H,W) -> cols (B*OH*OW, kh*kw*C)."""
     xp = get_array_module(x)
     g = _geometry(x.shape, kh, kw, stride, pad, used)
     B, C, OH, OW = g[0], g[1], g[10], g[11]
     cols = xp.empty((B * OH * OW, kh * kw * C), dtype=x.dtype)
-    (launch or cuda.launch)("im2col.cu", "im2col", cols.size, x, cols, *g)
+    (launch or cuda.launch)("im2col.cu", "im2col", cols.size, x, cols, *g,
+                            *_blocks(OH, OW, blocks))
     return cols
 
 
@@ -344,6 +398,25 @@ def maxpool2d_kernel(x, kh, kw, stride, pad, relu=False, launch=None):
     (launch or cuda.launch)("pool.cu", "maxpool2d_forward", y.size, memory, y, argmax, *g,
                             int(relu), *strides)
     return y, argmax
+
+
+def maxpool_blocks_kernel(x, relu=False, launch=None):
+    """``maxpool_blocks`` by kernels/pool.cu: x (K, M, ...) -> y, argmax (M, ...), argmax int32."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    y, argmax = xp.empty(x.shape[1:], dtype=x.dtype), xp.empty(x.shape[1:], dtype=np.int32)
+    (launch or cuda.launch)("pool.cu", "maxpool_blocks_forward", y.size, x, y, argmax, y.size,
+                            x.shape[0], int(relu))
+    return y, argmax
+
+
+def maxpool_blocks_backward_kernel(dy, argmax, K, launch=None):
+    """``maxpool_blocks_backward`` by kernels/pool.cu: one thread per element of dx (K, M, ...)."""
+    xp = get_array_module(dy)
+    dx = xp.empty((K,) + dy.shape, dtype=dy.dtype)
+    (launch or cuda.launch)("pool.cu", "maxpool_blocks_backward", dx.size, dy,
+                            argmax.astype(np.int32, copy=False), dx, dy.size, K)
+    return dx
 
 
 def maxpool2d_backward_kernel(dy, argmax, x_shape, kh, kw, stride, pad, launch=None):

@@ -79,6 +79,27 @@ def test_window_kernels_for_the_leading_windows_only(shape, k, s, p):
         ops.im2col(x, *k, s, p, (OH + 1, 1))
 
 
+@pytest.mark.parametrize("shape,k,s,p", CASES)
+def test_im2col_rows_in_blocks_are_the_rows_window_by_window(shape, k, s, p):
+    """im2col's block order (th, tw) holds the plain order's rows, offset (p, q) of every
+    th x tw window in one block, also for the leading windows only; the kernel agrees."""
+    rng = np.random.default_rng(2)
+    x = unique_values(rng, shape) - 0.5
+    OH, OW = ops.out_size(shape[2], k[0], s[0], p[0]), ops.out_size(shape[3], k[1], s[1], p[1])
+    for th, tw in ((2, 2), (2, 1), (1, 3)):
+        used = (OH - OH % th, OW - OW % tw)
+        if min(used) == 0:
+            continue
+        plain = ops.im2col(x, *k, s, p, used)
+        cols = ops.im2col(x, *k, s, p, used, (th, tw))
+        back = cols.reshape(th, tw, shape[0], used[0] // th, used[1] // tw, -1)
+        np.testing.assert_array_equal(back.transpose(2, 3, 0, 4, 1, 5).reshape(plain.shape), plain)
+        np.testing.assert_array_equal(
+            ops.im2col_kernel(x, *k, s, p, used, (th, tw), launch=emulator.launch), cols)
+    with pytest.raises(ValueError, match=r"blocks \(2, 2\) must divide the output size"):
+        ops.im2col(x, *k, s, p, (1, OW), (2, 2))
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_pooling_kernels_read_other_layouts(layout):
     """A convolution's output is an NCHW view of a channels-last buffer: the forward pooling
@@ -136,16 +157,18 @@ def test_training_through_the_emulated_kernels_matches_numpy(monkeypatch):
     launched = set()
     for a, b in zip(_train(3, True, monkeypatch, launched), _train(3, False, monkeypatch)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert launched == {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
+    # both max pools are applied by the convolutions before them, in window order
+    assert launched == {"im2col", "col2im", "maxpool_blocks_forward", "maxpool_blocks_backward",
                         "bias_relu_forward", "relu_backward", "softmax_cross_entropy",
                         "adam_multi_tensor"}
 
 
 def _convs_with_relus():
-    """Convolutions followed by ReLUs (no pooling): the ReLUs are folded into the bias adds."""
-    from minicnn import Conv2d, Flatten, Linear, ReLU, Sequential
+    """Convolutions followed by ReLUs: the ReLUs are folded into the bias adds; an overlapping
+    max pool that stays a layer of its own, and takes the ReLU after it."""
+    from minicnn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
     return Sequential(Conv2d(1, 4, 3), ReLU(), Conv2d(4, 3, 3, stride=2, padding=1), ReLU(),
-                      Flatten(), Linear(3 * 13 * 13, 10))
+                      MaxPool2d(3, stride=2, padding=1), ReLU(), Flatten(), Linear(3 * 7 * 7, 10))
 
 
 def test_convolutions_with_fused_relus_through_the_emulated_kernels(monkeypatch):
@@ -153,7 +176,8 @@ def test_convolutions_with_fused_relus_through_the_emulated_kernels(monkeypatch)
     for a, b in zip(_train(3, True, monkeypatch, launched, _convs_with_relus),
                     _train(3, False, monkeypatch, make_model=_convs_with_relus)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert {"bias_relu_forward", "relu_backward", "col2im"} <= launched
+    assert {"bias_relu_forward", "relu_backward", "col2im", "maxpool2d_forward",
+            "maxpool2d_backward"} <= launched
 
 
 def test_loss_on_the_kernel_path_defers_the_target_check(monkeypatch):

@@ -4,8 +4,9 @@ Each kernel of kernels/im2col.cu and kernels/pool.cu is launched through
 ``minicnn.testing.emulator.launch`` (the same ``Launcher`` the GPU uses: argument casting,
 contiguity checks, grid size) and compared with its reference in ``minicnn/ops.py``:
 
-- 6 kernels: im2col, col2im (9 shapes each) and maxpool2d_forward, maxpool2d_backward,
-  avgpool2d_forward, avgpool2d_backward (8 shapes each), in float32 and float64: 132 cases.
+- 8 kernels: im2col (9 shapes, rows in the plain order and in blocks), col2im (9 shapes),
+  maxpool2d_forward, maxpool2d_backward, avgpool2d_forward, avgpool2d_backward (8 shapes each),
+  and maxpool_blocks_forward, maxpool_blocks_backward (4 block layouts), in float32 and float64.
   Shapes mix batch 1, odd and non-square sizes and kernels, strides 1-3 (also larger than the
   kernel, leaving pixels in no window), padding 0-2 (pooling: at most kernel/2; im2col also
   windows wholly in the padding), element counts that are not multiples of 256 and up to ~65
@@ -143,7 +144,7 @@ def assert_close(got, want, rtol, what):
 
 # --- runs of each kernel: (emulated result(s), NumPy result(s)) -----------------------------------
 
-def run_im2col(shape, dtype, launch=emulator.launch, seed=0, noncontiguous=False):
+def run_im2col(shape, dtype, launch=emulator.launch, seed=0, noncontiguous=False, blocks=(1, 1)):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     rng = np.random.default_rng(seed)
     if noncontiguous:           # NCHW view of an NHWC buffer, as the NumPy ops make them
@@ -152,8 +153,35 @@ def run_im2col(shape, dtype, launch=emulator.launch, seed=0, noncontiguous=False
         x = nonzero_normal(rng, (B, C, H, W), dtype)
     g = geometry(shape)
     cols = poisoned((B * g[10] * g[11], kh * kw * C), dtype)
-    launch("im2col.cu", "im2col", cols.size, x, cols, *g)
-    return cols, ops.im2col(x, kh, kw, (sh, sw), (ph, pw))
+    launch("im2col.cu", "im2col", cols.size, x, cols, *g, *blocks)
+    return cols, ops.im2col(x, kh, kw, (sh, sw), (ph, pw), blocks=blocks)
+
+
+def divisor_blocks(shape):
+    """(th, tw) for im2col's block order: the smallest factor > 1 of (OH, OW), else 1."""
+    g = geometry(shape)
+    return tuple(next((d for d in range(2, n + 1) if n % d == 0), 1) for n in g[10:12])
+
+
+# (K, M): K offsets of M windows; M = 1, odd, and past 256 threads
+BLOCK_SHAPES = [(1, 5), (4, 1), (4, 77), (9, 300)]
+
+
+def run_maxpool_blocks_forward(shape, dtype, launch=emulator.launch, seed=10, relu=False):
+    x = unique_signed(np.random.default_rng(seed), shape, dtype)
+    y, argmax = poisoned(shape[1:], dtype), np.full(shape[1:], -7, np.int32)
+    launch("pool.cu", "maxpool_blocks_forward", y.size, x, y, argmax, y.size, shape[0], int(relu))
+    return (y, argmax), ops.maxpool_blocks(x, relu)
+
+
+def run_maxpool_blocks_backward(shape, dtype, launch=emulator.launch, seed=11, relu=False):
+    rng = np.random.default_rng(seed)
+    _, argmax = ops.maxpool_blocks(unique_signed(rng, shape, dtype), relu)
+    dy = nonzero_normal(rng, shape[1:], dtype)
+    dx = poisoned(shape, dtype)
+    launch("pool.cu", "maxpool_blocks_backward", dx.size, dy, argmax.astype(np.int32), dx,
+           dy.size, shape[0])
+    return dx, ops.maxpool_blocks_backward(dy, argmax, shape[0])
 
 
 def run_col2im(shape, dtype, launch=emulator.launch, seed=1):
@@ -224,6 +252,48 @@ def test_im2col(shape, dtype):
     got, want = run_im2col(shape, dtype)
     assert_written(got, "im2col")
     assert_same_bits(got, want, "im2col")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=_ids(CONV_SHAPES))
+def test_im2col_rows_in_blocks(shape, dtype):
+    """Rows ordered window by window for a pool that tiles the output (th, tw > 1 where the
+    output size allows; 1 where it is prime)."""
+    blocks = divisor_blocks(shape)
+    got, want = run_im2col(shape, dtype, blocks=blocks)
+    assert_written(got, f"im2col in blocks {blocks}")
+    assert_same_bits(got, want, f"im2col in blocks {blocks}")
+
+
+def test_some_im2col_cases_are_in_blocks():
+    assert sum(divisor_blocks(s) != (1, 1) for s in CONV_SHAPES) >= 5
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=[f"K{k}M{m}" for k, m in BLOCK_SHAPES])
+def test_maxpool_blocks(shape, dtype, relu):
+    (y, argmax), (want_y, want_argmax) = run_maxpool_blocks_forward(shape, dtype, relu=relu)
+    assert_written(y, "maxpool_blocks_forward y")
+    assert argmax.min() >= (-1 if relu else 0) and argmax.max() < shape[0]
+    assert_same_bits(y, want_y, "maxpool_blocks_forward y")
+    assert_same_bits(argmax, want_argmax.astype(np.int32), "maxpool_blocks_forward argmax")
+    got, want = run_maxpool_blocks_backward(shape, dtype, relu=relu)
+    assert_written(got, "maxpool_blocks_backward")
+    assert_same_bits(got, want, "maxpool_blocks_backward")
+
+
+def test_maxpool_blocks_ties_nan_and_relu():
+    """The first maximum wins a tie, a NaN becomes the max without moving argmax, and with the
+    ReLU a window with no positive value gives 0 and argmax -1 -- as in the NumPy op."""
+    x = np.array([[1.0, 2.0, -1.0, -3.0], [3.0, 2.0, np.nan, -2.0], [3.0, 1.0, 0.5, -1.0]])
+    for relu in (False, True):
+        y, argmax = np.empty(4), np.empty(4, np.int32)
+        emulator.launch("pool.cu", "maxpool_blocks_forward", 4, x, y, argmax, 4, 3, int(relu))
+        want_y, want_argmax = ops.maxpool_blocks(x, relu)
+        assert_same_bits(y, want_y, "y")
+        assert_same_bits(argmax, want_argmax.astype(np.int32), "argmax")
+    assert argmax.tolist() == [1, 0, -1, -1] and np.isnan(y[2]) and y[3] == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -322,6 +392,8 @@ def test_maxpool_with_relu_of_negative_windows_sends_nothing_back():
 # --- launches that differ from the plain one ------------------------------------------------------
 
 RUNS = {"im2col": (run_im2col, CONV_SHAPES[5]), "col2im": (run_col2im, CONV_SHAPES[5]),
+        "maxpool_blocks_forward": (run_maxpool_blocks_forward, (4, 3000)),
+        "maxpool_blocks_backward": (run_maxpool_blocks_backward, (4, 3000)),
         "maxpool2d_forward": (run_maxpool_forward, POOL_SHAPES[7]),
         "maxpool2d_backward": (run_maxpool_backward, POOL_SHAPES[7]),
         "avgpool2d_forward": (run_avgpool_forward, POOL_SHAPES[7]),

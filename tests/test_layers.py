@@ -288,7 +288,8 @@ def test_pool_reach_is_the_part_of_the_input_its_windows_read():
 
 @pytest.mark.parametrize("cin,cout,k,s,p,bhw", CONV_CASES)
 def test_convolution_cut_short_for_a_pool(float64, cin, cout, k, s, p, bhw):
-    """``Conv2d.forward(x, pool=...)`` computes the leading outputs the pool reads: they equal the
+    """``Conv2d.forward(x, pool=...)`` with a pool it does not apply (an average pool) computes
+    the leading outputs the pool reads: they equal the
     full output's (to the bit), and backward gives the same dx and, within float64 rounding, the
     same parameter gradients as the full convolution with zeros where the pool does not read."""
     minicnn.seed(20)
@@ -296,7 +297,7 @@ def test_convolution_cut_short_for_a_pool(float64, cin, cout, k, s, p, bhw):
     rng = np.random.default_rng(20)
     x = rng.standard_normal((bhw[0], cin) + bhw[1:])
     full = conv(x)
-    pool = MaxPool2d(2)
+    pool = AvgPool2d(2)
     h, w = pool.reach(full.shape[2:])
     y = conv.forward(x, pool=pool)
     assert y.shape == full.shape[:2] + (h, w)
@@ -336,3 +337,34 @@ def test_im2col_in_either_memory_layout(cin, cout, k, s, p, bhw):
     np.testing.assert_array_equal(last, ref)
     assert nchw.T.flags.c_contiguous
     assert last.flags.c_contiguous or cin == 1      # one channel: both orders are one memory
+
+
+@pytest.mark.parametrize("pool_size", [2, 3, (1, 2), (2, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("cin,cout,k,s,p,bhw", CONV_CASES)
+def test_convolution_applies_a_tiling_max_pool(float64, cin, cout, k, s, p, bhw, relu, pool_size):
+    """``Conv2d.forward(x, relu, pool=MaxPool2d(n))`` returns the pool's output of (the ReLU of)
+    the convolution, to the bit, and its backward takes the pool's output gradient and gives the
+    dx and parameter gradients of conv, ReLU and pool run one by one (float64, 1e-13: the
+    gradient sums run over the rows in window order)."""
+    minicnn.seed(22)
+    conv, pool = Conv2d(cin, cout, k, stride=s, padding=p), MaxPool2d(pool_size)
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((bhw[0], cin) + bhw[1:])
+    if min(pool.output_shape(conv.output_shape(x.shape))[2:]) < 1:
+        pytest.skip("the pool's window is larger than the convolution's output")
+    assert minicnn.layers.pooled_by_conv(pool)
+    y = conv.forward(x, relu=relu, pool=pool)
+    dy = rng.standard_normal(y.shape)
+    dx = conv.backward(dy)
+    grads = [p.grad.copy() for p in conv.parameters()]
+    conv.zero_grad()
+    act = ReLU()
+    h = act(conv(x)) if relu else conv(x)
+    ref = pool(h)
+    np.testing.assert_array_equal(y, ref)
+    g = pool.backward(dy)
+    ref_dx = conv.backward(act.backward(g) if relu else g)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-13, atol=1e-13)
+    for a, b in zip(grads, conv.parameters()):
+        np.testing.assert_allclose(a, b.grad, rtol=1e-13, atol=1e-13)

@@ -229,49 +229,63 @@ def _in_given_order(model, x, dy):
     return x, g, [p.grad.copy() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("layers,fused,cropped", [
-    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], [MaxPool2d], []),
+@pytest.mark.parametrize("layers,relu_in,pooled,cropped", [
+    # the pool tiles the conv's 6x6 output: the conv applies it, with the ReLU
+    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], [Conv2d], 1, []),
     (lambda: [Conv2d(2, 3, 3), ReLU(), Conv2d(3, 2, 3, bias=False), ReLU(), minicnn.Flatten()],
-     [Conv2d, Conv2d], []),
+     [Conv2d, Conv2d], 0, []),
     (lambda: [minicnn.Flatten(), Linear(128, 3), ReLU(), ReLU(), Linear(3, 2, bias=False),
-              ReLU()], [Linear, Linear], []),       # a second ReLU in a row runs on its own
+              ReLU()], [Linear, Linear], 0, []),    # a second ReLU in a row runs on its own
+    # an overlapping max pool stays a layer; the 2x2 one after it is not after a conv
     (lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
               MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
-     [MaxPool2d, Linear], []),
-    (lambda: [Conv2d(2, 3, 3), minicnn.AvgPool2d(2), ReLU(), minicnn.Flatten()], [], []),
+     [MaxPool2d, Linear], 0, []),
+    (lambda: [Conv2d(2, 3, 3), minicnn.AvgPool2d(2), ReLU(), minicnn.Flatten()], [], 0, []),
     # 8x8 -> 7x7, of which a 2x2 average pool reads 6x6 (the ReLU fuses into the conv); then
-    # 3x3 -> 2x2, which the max pool reads whole
+    # 3x3 -> 2x2, which the max pool reads whole and the conv applies
     (lambda: [Conv2d(2, 3, 2), ReLU(), minicnn.AvgPool2d(2), Conv2d(3, 4, 2), ReLU(),
-              MaxPool2d(2)], [Conv2d, MaxPool2d], [(6, 6)]),
+              MaxPool2d(2)], [Conv2d, Conv2d], 1, [(6, 6)]),
     # a padded pool: 2x2 windows with stride 3 and padding 1 over 8x8 read 7x7
-    (lambda: [Conv2d(2, 3, 1), ReLU(), MaxPool2d(2, stride=3, padding=1)], [MaxPool2d], [(7, 7)]),
+    (lambda: [Conv2d(2, 3, 1), ReLU(), MaxPool2d(2, stride=3, padding=1)], [MaxPool2d], 0,
+     [(7, 7)]),
+    # the conv applies a 2x2 pool over the 6x6 of its 7x7 output it reads, and the ReLU after
+    # it; then 3x3 -> 3x3 -> an overlapping-free pool with stride (2, 3) that stays a layer,
+    # after the second of two ReLUs, which it takes
+    (lambda: [Conv2d(2, 3, 2), MaxPool2d(2), ReLU(), Conv2d(3, 2, 1), ReLU(), ReLU(),
+              MaxPool2d(3, stride=(2, 3)), minicnn.Flatten()], [Conv2d, Conv2d, MaxPool2d], 1,
+     [(6, 6)]),
 ])
-def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, fused, cropped, float64):
+def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, relu_in, pooled, cropped,
+                                                                   float64):
     """Sequential runs a ReLU before a max pool after it instead, and a ReLU after a max pool, or
     after a Conv2d or Linear, inside that layer, and a convolution before a pool computes only the
-    outputs the pool reads: outputs, input gradients and parameter gradients must not change by a
-    bit (float64), including windows whose values are all negative (no gradient in either order)
-    and overlapping windows. The one exception: a cut-short convolution's weight and bias
-    gradients sum fewer (exactly zero) terms, which BLAS may group differently, so they are
-    compared to 1e-13 relative."""
+    outputs the pool reads, and applies a max pool whose windows tile them: outputs, input
+    gradients and parameter gradients must not change by a bit (float64), including windows whose
+    values are all negative (no gradient in either order) and overlapping windows. The one
+    exception: a convolution cut short or pooling in window order sums its weight and bias
+    gradients over fewer (exactly zero) terms or in another order, which BLAS may group
+    differently, so they are compared to 1e-13 relative."""
     minicnn.seed(4)
     model = Sequential(*layers())
     plan = model._plan()
     kinds = [type(m) for m, _ in plan]
     assert all(not (a is ReLU and b is MaxPool2d) for a, b in zip(kinds, kinds[1:]))
-    assert [type(m) for m, opts in plan if opts.get("relu")] == fused
-    assert all(opts["pool"] is after for (m, opts), (after, _) in zip(plan, plan[1:])
-               if "pool" in opts)
+    assert [type(m) for m, opts in plan if opts.get("relu")] == relu_in
+    handed = [(opts["pool"], after) for (m, opts), (after, _) in zip(plan, plan[1:] + [(None, 0)])
+              if "pool" in opts]
+    absorbed = [p for p, after in handed if p is not after]    # applied by the convolution
+    assert len(absorbed) == pooled and all(minicnn.layers.pooled_by_conv(p) for p in absorbed)
+    assert all(p not in [m for m, _ in plan] for p in absorbed)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 2, 8, 8)) - 0.3            # many windows wholly negative
-    crops = []                                  # the convolution outputs that were cut short
+    crops = []                             # the output sizes the convolutions were cut to
     for m, opts in plan:
         if "pool" in opts:
             def forward(x, _forward=m.forward, _m=m, **kw):
-                y = _forward(x, **kw)
-                if y.shape != _m.output_shape(x.shape):
-                    crops.append(y)
-                return y
+                full = _m.output_shape(x.shape)[2:]
+                if "pool" in kw and kw["pool"].reach(full) != full:
+                    crops.append(kw["pool"].reach(full))
+                return _forward(x, **kw)
             m.forward = forward
     out = model(x)
     dy = rng.standard_normal(out.shape)
@@ -279,11 +293,11 @@ def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, fused, c
     grads = [p.grad.copy() for p in model.parameters()]
     model.zero_grad()
     ref_out, ref_dx, ref_grads = _in_given_order(model, x, dy)
-    assert [c.shape[2:] for c in crops] == cropped
+    assert crops == cropped
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(dx, ref_dx)
     for g, r in zip(grads, ref_grads):
-        if cropped:     # sums that left out exact zeros may be grouped differently: last bits
+        if cropped or pooled:   # sums over other terms or in another order: the last bits
             np.testing.assert_allclose(g, r, rtol=1e-13, atol=1e-15)
         else:
             np.testing.assert_array_equal(g, r)
