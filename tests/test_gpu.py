@@ -192,6 +192,26 @@ def test_cuda_graph_step_is_replayed():
     np.testing.assert_array_equal(step._x.get(), np.full(4, 2, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("pool", [MaxPool2d(2), MaxPool2d((1, 3)), AvgPool2d(2)])
+def test_convolution_handed_its_pool_matches_the_cpu(pool, dtype):
+    """``Conv2d.forward(x, relu=True, pool=...)``: a tiling max pool applied by the convolution
+    (im2col in blocks, maxpool_blocks kernels), or an average pool it is cut short for."""
+    minicnn.set_default_dtype(dtype)
+    cpu_conv = Conv2d(3, 6, 3)
+    gpu_conv = copy.deepcopy(cpu_conv).to("cuda")
+    rng = np.random.default_rng(3)
+    x = unique_values(rng, (2, 3, 11, 12)).astype(dtype) - 0.5
+    y_cpu = cpu_conv.forward(x, relu=True, pool=pool)
+    y_gpu = gpu_conv.forward(minicnn.to_device(x, "cuda"), relu=True, pool=pool)
+    dy = rng.standard_normal(y_cpu.shape).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else 5e-4
+    _close(y_gpu, y_cpu, tol)
+    _close(gpu_conv.backward(minicnn.to_device(dy, "cuda")), cpu_conv.backward(dy), tol)
+    for a, b in zip(gpu_conv.parameters(), cpu_conv.parameters()):
+        _close(a.grad, b.grad, tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-6)])
 def test_fused_kernels_match_the_cpu(dtype, tol):
     from minicnn import fused
