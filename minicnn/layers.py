@@ -120,10 +120,11 @@ class Conv2d(Module):
 
     def forward(self, x, relu=False, pool=None):
         check_input(self, x, 4, "(B, C, H, W)")
-        B, _, OH, OW = self.output_shape(x.shape)
-        used = None if pool is None else pool.reach((OH, OW))
-        if used is not None:
-            OH, OW = used
+        B, O, OH, OW = self.output_shape(x.shape)
+        used = None
+        if pool is not None:
+            pool.output_shape((B, O, OH, OW))         # the pool's own shape check and message
+            OH, OW = used = pool.reach((OH, OW))
         blocks = pool.kernel_size if pooled_by_conv(pool) else None
         window = (*self.kernel_size, self.stride, self.padding, used)
         x = x.astype(self.weight.dtype, copy=False)

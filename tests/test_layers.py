@@ -368,3 +368,15 @@ def test_convolution_applies_a_tiling_max_pool(float64, cin, cout, k, s, p, bhw,
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-13, atol=1e-13)
     for a, b in zip(grads, conv.parameters()):
         np.testing.assert_allclose(a, b.grad, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("pool", [MaxPool2d(4), AvgPool2d(4)])
+def test_a_pool_too_large_for_the_convolution_names_itself(pool):
+    """Inside a Sequential the convolution computes for its pool; a pool window larger than the
+    convolution's output still raises the pool's ShapeError, as without the plan."""
+    model = minicnn.Sequential(Conv2d(1, 2, 3), pool)
+    x = np.ones((1, 1, 5, 5), dtype=np.float32)
+    name = type(pool).__name__
+    with pytest.raises(ShapeError, match=rf"{name}: input \(1, 2, 3, 3\) is smaller than the "
+                                         r"kernel \(4, 4\)"):
+        model(x)
