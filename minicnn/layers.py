@@ -136,19 +136,19 @@ class Conv2d(Module):
         else:
             cols = ops.im2col(x, *window, blocks)                   # B*OH*OW, K
             y = cols @ self._weight_matrix().T                      # B*OH*OW, O
-        pooled = None
-        if blocks:
-            y = _bias_then_relu(self, y, False)
+        if blocks:              # the pool, over the th*tw blocks of the window-ordered rows
             th, tw = blocks
-            y, argmax = ops.maxpool_blocks(y.reshape(th * tw, -1, self.out_channels), relu)
-            pooled, relu, OH, OW = (blocks, argmax), False, OH // th, OW // tw
+            y = _bias_then_relu(self, y, False).reshape(th * tw, -1, O)
+            y, argmax = ops.maxpool_blocks(y, relu)                 # the ReLU, if any, in here
+            OH, OW = OH // th, OW // tw
+            relu_out, pooled = None, (blocks, argmax)
         else:
             y = _bias_then_relu(self, y, relu)
+            relu_out, pooled = (y if relu else None), None
         if self.training:
-            self._cache = (cols, x.shape, window, wh if half else None, y if relu else None,
-                           pooled)
+            self._cache = (cols, x.shape, window, wh if half else None, relu_out, pooled)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
-        return y.reshape(B, OH, OW, self.out_channels).transpose(0, 3, 1, 2)
+        return y.reshape(B, OH, OW, O).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
         cols, x_shape, window, wh, relu_out, pooled = self._pop_cache()
