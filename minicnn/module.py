@@ -315,12 +315,13 @@ class Sequential(Module):
           over contiguous blocks, and leaves the plan (a ReLU it took goes with it).
 
         So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward. Outputs and
-        gradients are those of the given order to the last bit, except that a cropped
-        convolution's weight and bias gradients leave out terms that are exactly zero, which may
-        regroup BLAS's partial sums (a difference in the last bits).
+        gradients are those of the given order to the last bit, except a convolution's weight
+        and bias gradients when it is cut short (its sums leave out terms that are exactly zero)
+        or applies the pool (they run over its rows in window order): BLAS may group such sums
+        differently, a difference in the last bits.
         """
-        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d, pooled_by_conv  # (layers.py
-        # builds on this module)
+        # imported here: layers.py builds on this module
+        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d, pooled_by_conv
         order = self._layers()
         for i in range(len(order) - 1):
             if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
