@@ -1,4 +1,4 @@
-"""Array operations behind the layers: im2col/col2im, max and average pooling.
+"""Array operations behind the layers: matrix products, im2col/col2im, max and average pooling.
 
 One function per operation, with the same semantics and layout on every backend, so layers never
 branch on the backend. The NumPy code here is also the reference the CUDA kernels are checked
@@ -15,6 +15,7 @@ because channels-last keeps the C values of a pixel together for im2col and the 
 Large elementwise work is split over the batch between threads (NumPy releases the GIL inside its
 loops, so each slice runs on its own core); matrix products are left whole to BLAS's own threads.
 """
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,38 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype, threads=True, used=
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 
+_products_by_kernel = 0     # depth of the products_by_kernel() blocks being run
+
+
+def matmul(a, b):
+    """The matrix product of the layers: a (..., M, K) @ b (..., K, N) -> (..., M, N).
+
+    NumPy arrays: ``np.matmul(a, b)``, the reference. CuPy arrays: ``a @ b`` (cuBLAS), or, inside
+    ``products_by_kernel()``, ``matmul_kernel(a, b)`` (kernels/gemm.cu), which takes the shapes
+    listed there.
+    """
+    if get_array_module(a) is np:
+        return np.matmul(a, b)
+    if _products_by_kernel:
+        return matmul_kernel(a, b)
+    return a @ b
+
+
+@contextlib.contextmanager
+def products_by_kernel():
+    """Within this block, ``matmul`` of CuPy arrays runs minicnn's GEMM kernel, not cuBLAS.
+
+    The CUDA-graph training step (minicnn/graph.py) runs inside it: CuPy refuses every cuBLAS
+    call while a stream is being captured, and the kernel is an ordinary launch. Blocks nest.
+    """
+    global _products_by_kernel
+    _products_by_kernel += 1
+    try:
+        yield
+    finally:
+        _products_by_kernel -= 1
+
+
 def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None):
     """Unfold every (kh, kw) window of x into one row.
 
@@ -189,7 +222,7 @@ def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None)
     col2im gather kernel.
     """
     if get_array_module(dy2) is not np:
-        return col2im_kernel(dy2 @ w, x_shape, kh, kw, stride, pad, used)
+        return col2im_kernel(matmul(dy2, w), x_shape, kh, kw, stride, pad, used)
     B, C = x_shape[:2]
     OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
     part = np.empty((B, OH, OW, C), dtype=dy2.dtype)
@@ -356,6 +389,51 @@ def _geometry(x_shape, kh, kw, stride, pad, used=None):
     """The int arguments every window kernel takes: B, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW."""
     OH, OW = _used_windows(x_shape, kh, kw, stride, pad, used)
     return (*x_shape, kh, kw, stride[0], stride[1], pad[0], pad[1], OH, OW)
+
+
+GEMM_TILE = 16      # kernels/gemm.cu: one block of GEMM_TILE**2 threads per tile of C
+
+
+def _gemm_operand(x):
+    """(memory, trans) for one operand of kernels/gemm.cu: x itself when C-contiguous; when x
+    is a transposed view of C-contiguous memory (``w.T``, the usual weight operand), that memory
+    with trans=1, read in place; otherwise a C-contiguous copy."""
+    if x.flags.c_contiguous:
+        return x, 0
+    swapped = x.swapaxes(-1, -2)
+    if swapped.flags.c_contiguous:
+        return swapped, 1
+    return get_array_module(x).ascontiguousarray(x), 0
+
+
+def matmul_kernel(a, b, launch=None):
+    """``np.matmul(a, b)`` by kernels/gemm.cu -> C-contiguous (..., M, N), a's dtype.
+
+    Shapes: (M, K) @ (K, N); (..., M, K) @ (K, N) and (M, K) @ (..., K, N), the 2-D operand
+    shared by every product of the batch; (..., M, K) @ (..., K, N) with equal batch dimensions.
+    Both float32 or both float64. Each element of C is summed by one thread over k in
+    increasing order: the same bits on every run.
+    """
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or (
+            a.ndim > 2 and b.ndim > 2 and a.shape[:-2] != b.shape[:-2]):
+        raise ValueError(f"matmul: cannot multiply arrays of shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}: expected (..., M, K) and (..., K, N), the batch "
+                         "dimensions equal or one operand 2-D")
+    if a.dtype != b.dtype:
+        raise TypeError(f"matmul: both operands must have one dtype, got {a.dtype} and {b.dtype}")
+    (M, K), N = a.shape[-2:], b.shape[-1]
+    batch_shape = a.shape[:-2] if a.ndim > 2 else b.shape[:-2]
+    batch = math.prod(batch_shape)
+    c = get_array_module(a).empty(batch_shape + (M, N), dtype=a.dtype)
+    if c.size == 0:
+        return c
+    (a_mem, trans_a), (b_mem, trans_b) = _gemm_operand(a), _gemm_operand(b)
+    tiles = batch * -(-M // GEMM_TILE) * -(-N // GEMM_TILE)
+    # stride 0: a 2-D operand is the same matrix for every product of the batch
+    (launch or cuda.launch)("gemm.cu", "gemm", tiles * cuda.THREADS_PER_BLOCK, a_mem, b_mem, c,
+                            batch, M, N, K, M * K if a.ndim > 2 else 0,
+                            K * N if b.ndim > 2 else 0, M * N, trans_a, trans_b)
+    return c
 
 
 def im2col_kernel(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None, launch=None):

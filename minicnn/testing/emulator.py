@@ -4,13 +4,12 @@ How it works:
 
 1. The kernel file is compiled by the system C++ compiler (``g++``; ``$MINICNN_CXX`` picks
    another) with ``cuda_emulator.h`` included first. That header stands in for the CUDA
-   built-ins (``__global__``, ``threadIdx``, ``blockIdx``, ``blockDim``, ``gridDim``, ...), and
-   the ``-Dscalar_t=... -Dacc_t=...`` options are those the GPU build uses
-   (``minicnn.cuda.compile_options``).
+   built-ins (``__global__``, ``threadIdx``, ``blockIdx``, ``blockDim``, ``gridDim``,
+   ``__shared__``, ``__syncthreads()``, ...), and the ``-Dscalar_t=... -Dacc_t=...`` options are
+   those the GPU build uses (``minicnn.cuda.compile_options``).
 2. For every kernel that ``minicnn.cuda.parse_signatures`` finds in the file, a C++ wrapper
    ``emu_<name>(gx, bx, reverse, <the kernel's parameters>)`` is generated: it runs the kernel
-   once per thread of a 1-D launch of ``gx`` blocks of ``bx`` threads, block after block, thread
-   after thread (or in the reverse order), setting the built-in variables before each call.
+   once per thread of a 1-D launch of ``gx`` blocks of ``bx`` threads, block after block.
 3. Kernel and wrappers become a shared library, cached on disk under a hash of the source, the
    header, the wrappers, the options and the compiler's version, and loaded with ``ctypes``.
 
@@ -18,18 +17,32 @@ How it works:
 ``(grid, block, args)``, as CuPy's RawModule does, so ``launch = Launcher(compile_module)`` is the
 very launcher the GPU uses: argument casting, contiguity checks and grid sizes are all exercised.
 
+The threads of a block run in one of two ways, chosen per file from its source (``cooperative``):
+
+- One at a time (files that use neither ``__shared__`` nor ``__syncthreads``): each thread's call
+  runs to its end before the next one starts. Simple and fast; ``__shared__`` and
+  ``__syncthreads()`` are compile errors in this mode.
+- Cooperatively (files that use either): each thread of a block is a fiber, a stack of its own on
+  the launching OS thread. A fiber runs until it reaches ``__syncthreads()`` or returns; when every
+  thread of the block waits at the barrier, all go on. ``__shared__`` variables are shared by the
+  block's fibers and filled with NaN (0xff bytes) before each block, so a read before the block
+  wrote shows in the results. Barrier divergence -- some threads returned while others wait, or
+  threads waiting at different ``__syncthreads()`` -- raises ``EmulatorError``. See
+  ``cuda_emulator.h`` for the runtime.
+
 Every array is handed to the kernel inside a larger buffer with a guard zone on each side (NaN for
 floating point, a fixed pattern for integers). A write out of bounds into a guard zone raises
 ``EmulatorError`` naming the argument; a read out of bounds brings NaN into the results.
 
-Threads run one at a time, so kernels that use shared memory or ``__syncthreads`` are refused at
-compile time. ``launch_reversed`` runs the threads in the opposite order: a kernel whose results
-depend on the order of its threads (a race on the GPU) gives different results under the two.
+``launch_reversed`` runs blocks last to first and, within a block, the threads last to first
+(in each phase between barriers, for cooperative files): a kernel whose results depend on the
+order of its threads (a race on the GPU) gives different results under the two.
 """
 import atexit
 import ctypes
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,7 +67,8 @@ _INT_POINTERS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint
 
 
 class EmulatorError(RuntimeError):
-    """A kernel run by the emulator misbehaved (wrote out of bounds) or was called wrongly."""
+    """A kernel run by the emulator misbehaved (wrote out of bounds, diverged at a barrier) or was
+    called wrongly."""
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -119,22 +133,43 @@ def _param(kind, ctype):
     return ctype
 
 
-def wrapper_source(signatures):
+_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_COOPERATIVE = re.compile(r"\b(?:__shared__|__syncthreads)\b")
+
+
+def cooperative(source):
+    """Whether kernel source text needs cooperative blocks: it uses ``__shared__`` or
+    ``__syncthreads`` (outside comments)."""
+    return _COOPERATIVE.search(_COMMENTS.sub(" ", source)) is not None
+
+
+def wrapper_source(signatures, cooperative=False):
     """C++ source of ``emu_<name>`` for every kernel of ``signatures`` (from parse_signatures).
 
     Each declares its kernel and runs it for every thread of a 1-D launch: ``gx`` blocks of ``bx``
-    threads, in order, or in reverse order when ``reverse`` is nonzero.
+    threads, in order, or in reverse order when ``reverse`` is nonzero; one thread after another,
+    or, with ``cooperative``, the threads of a block as fibers (``emu::run_cooperative`` of
+    cuda_emulator.h). Each returns nullptr, or a message saying what went wrong.
     """
-    out = ["// Generated by minicnn.testing.emulator: runs each kernel once per thread.",
+    out = [f"// Generated by minicnn.testing.emulator: runs each kernel once per thread"
+           f"{' (cooperative blocks)' if cooperative else ''}.",
            "#define EMU_EXPORT extern \"C\" __attribute__((visibility(\"default\")))", ""]
     for name, args in signatures.items():
         types = [_param(kind, ctype) for kind, ctype, _ in args]
         params = "".join(f", {t} a{n}" for n, t in enumerate(types))
         call = ", ".join(f"a{n}" for n in range(len(args)))
         out += [f'extern "C" void {name}({", ".join(types)});',
-                f"EMU_EXPORT void emu_{name}(unsigned int emu_gx, unsigned int emu_bx, "
-                f"int emu_reverse{params}) {{",
-                "    gridDim = dim3(emu_gx);",
+                f"EMU_EXPORT const char* emu_{name}(unsigned int emu_gx, unsigned int emu_bx, "
+                f"int emu_reverse{params}) {{"]
+        if cooperative:
+            out += [f"    auto emu_thread = [&]() {{ {name}({call}); }};",
+                    "    return emu::run_cooperative(emu_gx, emu_bx, emu_reverse,",
+                    "        [](void* f) { (*static_cast<decltype(emu_thread)*>(f))(); }, "
+                    "&emu_thread);",
+                    "}",
+                    ""]
+            continue
+        out += ["    gridDim = dim3(emu_gx);",
                 "    blockDim = dim3(emu_bx);",
                 "    for (unsigned int nb = 0; nb < emu_gx; ++nb) {",
                 "        blockIdx = uint3{emu_reverse ? emu_gx - 1 - nb : nb, 0, 0};",
@@ -143,6 +178,7 @@ def wrapper_source(signatures):
                 f"            {name}({call});",
                 "        }",
                 "    }",
+                "    return nullptr;",
                 "}",
                 ""]
     return "\n".join(out)
@@ -161,11 +197,13 @@ def build(file, dtype):
     path = cuda.kernel_path(file).resolve()
     source = path.read_text()
     options = cuda.compile_options(dtype)
-    wrappers = wrapper_source(cuda.parse_signatures(source))
+    together = cooperative(source)
+    wrappers = wrapper_source(cuda.parse_signatures(source), together)
     cxx = _compiler()
     # -ffp-contract=off: a*b + c rounds twice, as NumPy computes it, on every CPU (aarch64 has fma)
     flags = ["-O1", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off",
-             "-include", str(HEADER), *options]
+             "-include", str(HEADER), *options,
+             *(["-DMINICNN_EMU_COOPERATIVE"] if together else [])]
     key = hashlib.sha256("\0".join([source, HEADER.read_text(), wrappers, " ".join(cxx + flags),
                                     _compiler_version(tuple(cxx))]).encode()).hexdigest()[:20]
     library = cache_dir() / f"{path.stem}-{np.dtype(dtype).name}-{key}.so"
@@ -198,7 +236,9 @@ class EmulatedModule:
     def __init__(self, file, dtype, reverse=False):
         self.file, self.dtype, self.reverse = str(file), np.dtype(dtype), reverse
         self.library = build(file, dtype)
-        self.signatures = cuda.parse_signatures(cuda.kernel_path(file).read_text())
+        source = cuda.kernel_path(file).read_text()
+        self.signatures = cuda.parse_signatures(source)
+        self.cooperative = cooperative(source)      # threads of a block run as fibers
         self._lib = _load(self.library)
 
     def get_function(self, name):
@@ -219,7 +259,7 @@ class EmulatedKernel:
         self.module, self.name = module, name
         self.signature = module.signatures[name]
         self._fn = getattr(module._lib, f"emu_{name}")
-        self._fn.restype = None
+        self._fn.restype = ctypes.c_char_p          # nullptr, or what went wrong
         self._fn.argtypes = ([ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
                              + [ctypes.c_void_p if kind != "value" else self._value_type(ctype)
                                 for kind, ctype, _ in self.signature])
@@ -270,7 +310,10 @@ class EmulatedKernel:
             guarded = _guarded_copy(value)
             buffers.append((argname, kind, value, guarded))
             c_args.append(guarded[GUARD:].ctypes.data)
-        self._fn(gx, bx, int(self.module.reverse), *c_args)
+        failure = self._fn(gx, bx, int(self.module.reverse), *c_args)
+        if failure is not None:
+            raise EmulatorError(f"{self.module.file}:{self.name} (grid {gx}, block {bx}): "
+                                f"{failure.decode(errors='replace')}")
         for argname, kind, value, guarded in buffers:
             changed = _guard_changes(guarded, value.size)
             if changed:
@@ -313,7 +356,8 @@ def _guard_changes(guarded, size):
 def compile_module(file, dtype, reverse=False):
     """Kernel file ``file`` (a name in ``kernels/`` or a path) built for ``dtype`` for the CPU.
 
-    ``reverse``: run the threads of every launch in reverse order (blocks and threads).
+    ``reverse``: run the threads of every launch in reverse order (blocks, and the threads of a
+    block; in each phase between barriers for cooperative files).
     """
     return EmulatedModule(file, dtype, reverse)
 
