@@ -18,10 +18,17 @@ the host happens once only. That sets three rules, and this module keeps them:
   learning rate go into a small device array that ``optimizer.prepare_step()`` rewrites before
   each replay; its update kernel reads them from there (``Adam``/``AdamW`` on a GPU).
 
-Before recording, a few eager steps run on the capture stream so that kernels are compiled,
-cuBLAS has its workspace and the optimizer its state. Batches of another shape (the last one of
-an epoch) run eagerly, so the graph and eager paths train on exactly the same steps.
+- No cuBLAS. CuPy refuses to call cuBLAS while a stream is capturing, so every matrix product
+  of the step, from the first warm-up on, goes through minicnn's own GEMM kernel
+  (``kernels/gemm.cu``, chosen by ``ops.products_by_kernel``).
+
+Before recording, at least one eager step runs on the capture stream so that kernels are
+compiled and loaded and the first-use state (optimizer buffers, the optimizer's pointer table,
+the loss and accuracy sums) exists: made inside the recording, every replay would make it
+afresh. Batches of another shape (the last one of an epoch) run eagerly, so the graph and eager
+paths train on exactly the same steps.
 """
+from . import ops
 from .backend import get_array_module
 
 
@@ -34,14 +41,21 @@ class GraphStep:
     """
 
     def __init__(self, body, prepare, warmup=3, recorder=None):
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"GraphStep: warmup must be an int >= 1 (the first step makes the "
+                             f"state a recording must not make), got {warmup!r}")
         self.body, self.prepare, self.warmup = body, prepare, warmup
         self.recorder = recorder if recorder is not None else CudaRecorder()
-        self.replays = 0            # steps run by replaying the graph (for tests and reports)
+        self.replays = 0            # graph launches, the first right after recording included
         self._calls = 0
         self._graph = self._x = self._y = None
 
     def __call__(self, x, y):
         self.prepare()
+        with ops.products_by_kernel():
+            self._step(x, y)
+
+    def _step(self, x, y):
         if self._x is not None and (x.shape, x.dtype, y.shape) != (self._x.shape, self._x.dtype,
                                                                   self._y.shape):
             self.body(x, y)                             # another shape: eager, as without a graph

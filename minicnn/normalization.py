@@ -123,14 +123,19 @@ class _BatchNorm(Module):
 
     def _update_running_stats(self, mean, unbiased_var):
         self.num_batches_tracked += 1
+        rm, rv = self.running_mean, self.running_var
         if self.momentum is None:            # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked)
+            # Computed from the count where it lives, without reading it back: a recorded CUDA
+            # graph then reads the new count on every replay. In double, rounded once, as the
+            # Python float of a fixed momentum is.
+            factor = 1.0 / self.num_batches_tracked
+            keep, factor = (1 - factor).astype(rm.dtype), factor.astype(rm.dtype)
         else:
             factor = self.momentum
-        rm, rv = self.running_mean, self.running_var
-        rm *= 1 - factor
+            keep = 1 - factor
+        rm *= keep
         rm += factor * mean.astype(rm.dtype, copy=False)
-        rv *= 1 - factor
+        rv *= keep
         rv += factor * unbiased_var.astype(rv.dtype, copy=False)
 
     def _eval_scale_shift(self, x):

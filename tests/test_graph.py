@@ -117,7 +117,9 @@ def test_refusals_name_the_reason(monkeypatch):
     check(model, adam, None)                                 # the example network is fine
 
 
-def test_tf32_switch_is_off_by_default_and_restores():
+def test_tf32_switch_is_off_by_default_and_restores(monkeypatch):
+    """The switch itself, as recorded without a GPU (tests/test_gpu.py has what a GPU does)."""
+    monkeypatch.setattr(minicnn.backend, "cuda_unavailable_reason", lambda: "no GPU in this test")
     assert minicnn.backend.tf32_allowed() is False
     try:
         assert minicnn.backend.allow_tf32() is False          # returns the previous setting
