@@ -34,7 +34,8 @@ _VALUE = re.compile(r"^(?:const\s+)?((?:unsigned\s+|long\s+)*\w+)\s+(\w+)$")
 
 
 class KernelCompileError(RuntimeError):
-    """A kernel file that does not compile; the message holds the compiler's log."""
+    """A kernel file that does not compile or load: the message names the file, the kernel when
+    one was being loaded, and the options, with the compiler's log or what to install."""
 
 
 def kernel_dir():
@@ -175,30 +176,72 @@ class _CupyLauncher(Launcher):
         return cupy.cuda.runtime.getDevice()      # cheaper than a Device object per launch
 
 
+def _nvrtc_options(dtype):
+    """The options every kernel file is compiled with by NVRTC for ``dtype``."""
+    return compile_options(dtype) + ("--std=c++14",)
+
+
+def _compile_log(error):
+    """NVRTC's log when ``error`` is CuPy's CompileException (or one like it), else None."""
+    get_message = getattr(error, "get_message", None)
+    if type(error).__name__ == "CompileException" and callable(get_message):
+        return get_message()
+    return None
+
+
 def _cupy_compile(file, dtype):
+    """Compile ``file`` for ``dtype`` with NVRTC through CuPy: a module whose ``get_function``
+    returns the kernel. Any failure, a compile error or NVRTC/headers that cannot be loaded, is
+    raised as ``KernelCompileError`` naming the file and options, with the log or the fix."""
     import cupy
-    options = compile_options(dtype) + ("--std=c++14",)
+    from .backend import cuda_install_hint
+    options = _nvrtc_options(dtype)
+    source = read_source(file)
     try:
-        module = cupy.RawModule(code=read_source(file), options=options)
+        module = cupy.RawModule(code=source, options=options)
         module.compile()
-    except cupy.cuda.compiler.CompileException as e:
-        raise KernelCompileError(f"{file} does not compile for {dtype} with options {options}:\n"
-                                 f"{e.get_message() if hasattr(e, 'get_message') else e}") from e
+    except Exception as e:
+        log = _compile_log(e)
+        what = f"{file} for {np.dtype(dtype)} with options {' '.join(options)}"
+        if log is not None:
+            fix = (f"a header was not found: install the CUDA headers with {cuda_install_hint(cupy)}"
+                   if "cannot open source file" in log else "the kernel source needs fixing")
+            raise KernelCompileError(f"NVRTC rejected {what}; {fix}. NVRTC's log:\n{log}") from e
+        if type(e).__name__ in ("CUDARuntimeError", "CUDADriverError"):
+            fix = "The CUDA driver or the GPU is not usable; python -m minicnn doctor says why"
+        else:
+            fix = (f"NVRTC, CUDA's runtime compiler, or the CUDA headers are missing or unusable; "
+                   f"install them with {cuda_install_hint(cupy)}")
+        raise KernelCompileError(f"{what} could not be compiled: {type(e).__name__}: {e}. {fix}") from e
     return _NamedModule(module, file, options)
 
 
 class _NamedModule:
-    """A RawModule whose missing kernels are reported with the file and the options."""
+    """A compiled RawModule whose kernels are looked up once each; failures name the file, the
+    kernel and the options."""
 
     def __init__(self, module, file, options):
         self._module, self._file, self._options = module, file, options
+        # CuPy's RawModule.get_function builds a new RawKernel and looks the function up in the
+        # driver on every call (cupy/_core/raw.pyx); a training step launches ~45 kernels, so
+        # each is kept after its first lookup.
+        self._functions = {}
 
     def get_function(self, name):
-        try:
-            return self._module.get_function(name)
-        except Exception as e:
-            raise KernelCompileError(f"{self._file}: kernel {name} could not be loaded "
-                                     f"(options {self._options}): {e}") from e
+        kernel = self._functions.get(name)
+        if kernel is None:
+            try:
+                kernel = self._module.get_function(name)
+            except Exception as e:
+                import cupy
+                from .backend import cuda_install_hint
+                raise KernelCompileError(
+                    f"{self._file}: kernel {name} could not be loaded (options "
+                    f"{' '.join(self._options)}): {type(e).__name__}: {e}. If the kernel exists "
+                    f"in the file, the CUDA libraries may be missing: {cuda_install_hint(cupy)}"
+                ) from e
+            self._functions[name] = kernel
+        return kernel
 
 
 launch = _CupyLauncher(_cupy_compile)

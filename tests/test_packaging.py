@@ -66,3 +66,12 @@ def test_installed_wheel_finds_its_kernel_sources(wheel, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "im2col" in run.stdout and "maxpool2d_forward" in run.stdout
 
+
+
+def test_cuda_extras_bring_the_cuda_libraries():
+    """The GPU extras install CuPy with its ``ctk`` extra (NVRTC, cuBLAS and the CUDA headers as
+    NVIDIA wheels): without it CuPy expects a CUDA toolkit on the machine."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cuda12"] == ["cupy-cuda12x[ctk]>=14"]
+    assert extras["cuda13"] == ["cupy-cuda13x[ctk]>=14"]

@@ -32,3 +32,14 @@ def test_ci_runs_the_quick_start_commands():
     for line in lines:
         assert line in ci, f".ci/run does not run the README's command: {line}"
 
+
+
+def test_gpu_install_says_which_extra_to_pick():
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    gpu = quick_start.split("For an NVIDIA GPU", 1)[1]
+    assert "nvidia-smi" in gpu and '"CUDA Version"' in gpu
+    assert "12.x takes `cuda12`, 13.x takes `cuda13`" in gpu
+    assert "Google Colab" in gpu and "no extra" in gpu
+    extras = (ROOT / "pyproject.toml").read_text()
+    for extra in set(re.findall(r'pip install -e "\.\[(\w+)\]"', gpu)):
+        assert f"\n{extra} = " in extras, f"the README installs an extra {extra} pyproject lacks"
