@@ -140,7 +140,8 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     ``cuda_graph=True`` (model on a GPU, fp32, an optimizer whose update reads its changing
     values from device memory: ``Adam``/``AdamW``, no ``Dropout``) records the training step as a
     CUDA graph after a few eager steps and replays it for every batch of the same shape
-    (``minicnn.graph``): the same updates as without it, at one launch per step.
+    (``minicnn.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
+    cannot capture cuBLAS): the updates of an eager run inside ``ops.products_by_kernel()``.
 
     No step reads a value back from the device: the running loss and accuracy are summed there
     and read every ``log_every`` steps and at the end of the epoch, which is also when a
