@@ -53,7 +53,10 @@ def main(argv=None):
     if (args.cuda_graph or args.tf32) and dev != "cuda":
         ap.error(f"--cuda-graph and --tf32 need a GPU, but the device is {dev}")
     if args.tf32:
-        minicnn.backend.allow_tf32(True)
+        try:
+            minicnn.backend.allow_tf32(True)
+        except minicnn.backend.DeviceError as e:       # a GPU older than Ampere
+            ap.error(str(e))
     minicnn.seed(args.seed)
     train_set, test_set = load_data(args.data_dir)
     train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, device=dev)
