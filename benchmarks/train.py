@@ -6,7 +6,7 @@
 
 One training step = forward, cross-entropy, backward, Adam(1e-3) update, on the same random
 MNIST-shaped batch for both frameworks (the work does not depend on the values), fp32 on both.
-On a GPU, minicnn runs eagerly and again as a recorded CUDA graph (``minicnn.graph``), and PyTorch
+On a GPU, minicnn runs eagerly and again as a recorded CUDA graph (``minicnn.fused.graph``), and PyTorch
 runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate column);
 the timer synchronises the device before reading the clock. Warm-up steps are excluded; each
 figure is the median over ``--repeats`` of the rate of ``--steps`` steps, the frameworks taking
@@ -137,7 +137,7 @@ def minicnn_step(x, y, device, graph=False):
         model.backward(loss_fn.backward(), input_grad=False)   # the data needs no gradient
         opt.apply_step()
     if graph:
-        from minicnn.graph import GraphStep
+        from minicnn.fused.graph import GraphStep
         recorded = GraphStep(body, opt.prepare_step)
         return lambda: recorded(x, y)
 

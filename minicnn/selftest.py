@@ -600,7 +600,7 @@ def _minicnn_step(x, y, graph):
     """One training step of mnist_cnn on the GPU batch (x, y); with ``graph``, recorded once as a
     CUDA graph and replayed (the step of ``fit(cuda_graph=True)``)."""
     from . import Adam, CrossEntropyLoss
-    from .graph import GraphStep
+    from .fused.graph import GraphStep
     from .models import mnist_cnn
     model, loss_fn = mnist_cnn().to("cuda"), CrossEntropyLoss()
     opt = Adam(model.parameters(), lr=1e-3)

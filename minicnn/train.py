@@ -140,7 +140,7 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     ``cuda_graph=True`` (model on a GPU, fp32, an optimizer whose update reads its changing
     values from device memory: ``Adam``/``AdamW``, no ``Dropout``) records the training step as a
     CUDA graph after a few eager steps and replays it for every batch of the same shape
-    (``minicnn.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
+    (``minicnn.fused.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
     cannot capture cuBLAS): the updates of an eager run inside ``ops.products_by_kernel()``.
 
     No step reads a value back from the device: the running loss and accuracy are summed there
@@ -192,7 +192,7 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
 
     graph = None
     if cuda_graph:
-        from .graph import GraphStep
+        from .fused.graph import GraphStep
         graph = GraphStep(lambda x, y: train_step(x, y, graphed=True), optimizer.prepare_step)
     first_step = time.perf_counter()
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):

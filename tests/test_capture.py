@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import graph, ops
+from minicnn import ops
+from minicnn.fused import graph
 from minicnn.data import ArrayDataset, DataLoader
 from minicnn.models import mnist_cnn
 from minicnn.testing import emulator

@@ -212,7 +212,7 @@ def test_gemm_kernel_matches_cublas(dtype, tol):
 
 def test_cuda_graph_step_is_replayed():
     import cupy
-    from minicnn.graph import GraphStep
+    from minicnn.fused.graph import GraphStep
     calls = []
     step = GraphStep(lambda x, y: calls.append(1) or x.__imul__(2), lambda: None, warmup=1)
     x = cupy.ones(4, dtype=cupy.float32)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import graph, train
+from minicnn import train
+from minicnn.fused import graph
 from minicnn.data import ArrayDataset, DataLoader
-from minicnn.graph import GraphStep
+from minicnn.fused.graph import GraphStep
 from minicnn.models import mnist_cnn
 
 

@@ -134,7 +134,7 @@ def _train(steps, through_kernels, monkeypatch, launched=None, make_model=mnist_
     with monkeypatch.context() as m:
         if through_kernels:
             m.setattr(ops, "get_array_module", lambda a: _KernelNumpy())
-            m.setattr(fused, "get_array_module", lambda a: _KernelNumpy())
+            m.setattr(fused.ops, "get_array_module", lambda a: _KernelNumpy())
             m.setattr(ops.cuda, "launch", launch)
         minicnn.set_default_dtype(np.float64)
         minicnn.seed(1)
@@ -186,8 +186,8 @@ def test_loss_on_the_kernel_path_defers_the_target_check(monkeypatch):
     from minicnn import losses
     kernel_numpy = _KernelNumpy()                 # one module, as cupy is
     monkeypatch.setattr(losses, "get_array_module", lambda a: kernel_numpy)
-    monkeypatch.setattr(fused, "get_array_module", lambda a: kernel_numpy)
-    monkeypatch.setattr(fused.cuda, "launch", emulator.launch)
+    monkeypatch.setattr(fused.ops, "get_array_module", lambda a: kernel_numpy)
+    monkeypatch.setattr(fused.ops.cuda, "launch", emulator.launch)
     loss_fn = minicnn.CrossEntropyLoss()
     logits = np.random.default_rng(2).standard_normal((4, 3))
     loss_fn(logits, np.array([0, 1, 2, 1]))

@@ -125,7 +125,7 @@ def test_relative_error():
 @contextlib.contextmanager
 def _stand_in_gpu(monkeypatch):
     """A usable "GPU": minicnn.testing.capture's strict stand-in for CuPy, kernels emulated."""
-    from minicnn import graph
+    from minicnn.fused import graph
     from minicnn.testing.capture import StrictRecorder, fake_cupy
     with fake_cupy():
         monkeypatch.setattr(graph, "CudaRecorder", StrictRecorder)

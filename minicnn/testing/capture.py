@@ -3,7 +3,7 @@
 ``with fake_cupy():`` puts a module named ``cupy`` in ``sys.modules`` whose arrays are NumPy
 arrays of a subclass (``DeviceArray``) that minicnn takes for CuPy arrays, so every GPU branch of
 minicnn runs: the kernels of ``kernels/`` through the emulator, CuPy's elementwise work as NumPy,
-and ``minicnn.graph.CudaRecorder`` with the fake's streams, stream capture and memory pool.
+and ``minicnn.fused.graph.CudaRecorder`` with the fake's streams, stream capture and memory pool.
 
 While a stream is capturing, the stand-in raises ``CaptureViolation`` wherever CUDA or CuPy
 would refuse the work or a replay would not repeat it:
@@ -35,7 +35,8 @@ import weakref
 
 import numpy as np
 
-from .. import backend, cuda, graph
+from .. import backend, cuda
+from ..fused import graph
 from . import emulator
 
 
@@ -377,7 +378,7 @@ def fake_cupy():
 
 
 class StrictRecorder(graph.CudaRecorder):
-    """``minicnn.graph.CudaRecorder`` on the fake CuPy; its graphs replay the recorded function
+    """``minicnn.fused.graph.CudaRecorder`` on the fake CuPy; its graphs replay the recorded function
     under the capture rules."""
 
     def __init__(self):

@@ -28,8 +28,8 @@ the loss and accuracy sums) exists: made inside the recording, every replay woul
 afresh. Batches of another shape (the last one of an epoch) run eagerly, so the graph and eager
 paths train on exactly the same steps.
 """
-from . import ops
-from .backend import get_array_module
+from .. import ops
+from ..backend import get_array_module
 
 
 class GraphStep:

@@ -23,9 +23,9 @@ import numbers
 
 import numpy as np
 
-from . import cuda, ops
-from .backend import get_array_module
-from .module import ShapeError
+from .. import cuda, ops
+from ..backend import get_array_module
+from ..module import ShapeError
 
 ADAM_HYPER = ("1 - beta1", "beta2", "1 - beta2", "eps", "weight_decay (Adam; 0 for AdamW)",
               "step_size = lr / (1 - beta1**t)", "bias2_sqrt = sqrt(1 - beta2**t)",
