@@ -6,8 +6,10 @@
 
 One training step = forward, cross-entropy, backward, Adam(1e-3) update of ResNet-18 with the CIFAR
 stem (3x3 stride-1 first convolution, no max pooling; 11.2 M parameters), on one random batch of
-CIFAR-shaped images, in training mode (BatchNorm with batch statistics). PyTorch runs the same
-network, written out below (torchvision is not needed), eagerly, with TF32 off in fp32.
+CIFAR-shaped images, in training mode (BatchNorm with batch statistics). minicnn trains its fast
+path, asked for here: ``minicnn.fuse`` of the network (fused convolutions in place of the plain
+ones), ``FusedAdam`` and ``minicnn.fused.CrossEntropyLoss``. PyTorch runs the same network,
+written out below (torchvision is not needed), eagerly, with TF32 off in fp32.
 
 Rows: fp32 for both; with ``--amp`` also mixed precision for both: minicnn under
 ``minicnn.amp.autocast()`` with a ``GradScaler``, PyTorch under ``torch.autocast(device,
@@ -30,7 +32,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-import minicnn  # noqa: E402  (before NumPy: it sets OpenBLAS's thread spin)
+# Read by OpenBLAS once, when NumPy loads it: idle threads sleep right after a product instead of
+# spinning ~0.1 s on a core the next work needs (docs/design.md, "Process-wide settings").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import minicnn  # noqa: E402
 import numpy as np  # noqa: E402
 from minicnn.amp import GradScaler, autocast  # noqa: E402
 from minicnn.models import resnet18  # noqa: E402
@@ -55,9 +60,9 @@ median_rates, timed, _synchronizer, environment = (
 
 def minicnn_step(x, y, device, amp=False):
     minicnn.seed(0)
-    model = resnet18(num_classes=10, cifar_stem=True).to(device)
-    loss_fn = minicnn.CrossEntropyLoss()
-    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    model = minicnn.fuse(resnet18(num_classes=10, cifar_stem=True)).to(device)
+    loss_fn = minicnn.fused.CrossEntropyLoss()
+    opt = minicnn.fused.FusedAdam(model.parameters(), lr=1e-3)
     scaler = GradScaler() if amp else None
     x, y = minicnn.to_device(x, device), minicnn.to_device(y, device)
 
@@ -150,6 +155,8 @@ def main(argv=None):
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    # process-wide: it changes what is timed, for PyTorch in this process too
+    print(f"minicnn.tune_process(): {minicnn.tune_process() or 'changed nothing'}")
 
     device = minicnn.device(args.device).type
     sync = _synchronizer(device)

@@ -6,17 +6,21 @@
 
 One training step = forward, cross-entropy, backward, Adam(1e-3) update, on the same random
 MNIST-shaped batch for both frameworks (the work does not depend on the values), fp32 on both.
-On a GPU, minicnn runs eagerly and again as a recorded CUDA graph (``minicnn.fused.graph``), and PyTorch
+minicnn is timed twice: "minicnn fused" is the fast path, asked for here with ``minicnn.fuse``
+(fused modules in place of the plain layers), ``minicnn.fused.CrossEntropyLoss`` and
+``FusedAdam``; "minicnn plain" the plain layers, loss and ``Adam``, every layer running its own
+forward and backward. The ratios to PyTorch are of the fused column (and of the plain one).
+On a GPU, the fused step also runs as a recorded CUDA graph (``minicnn.fused.graph``), and PyTorch
 runs eagerly with cuDNN, in fp32 and again with TF32 allowed (a separate column);
 the timer synchronises the device before reading the clock. Warm-up steps are excluded; each
 figure is the median over ``--repeats`` of the rate of ``--steps`` steps, the frameworks taking
 turns so that a slow spell of the machine hits all of them.
 
-On the CPU, PyTorch is timed twice. "PyTorch" runs in this process, where importing minicnn has
-told glibc to keep freed memory for reuse (``minicnn.backend.keep_freed_memory``), which speeds
-PyTorch's large temporaries up as much as minicnn's: the like-for-like comparison, and the one
-the ratio is taken against. "PyTorch alone" runs in a process of its own with glibc's default
-allocator, as a PyTorch script does, and takes its turns through a pipe.
+On the CPU, PyTorch is timed twice. "PyTorch" runs in this process, where ``main`` has called
+``minicnn.tune_process()`` (glibc keeps freed memory for reuse), which speeds PyTorch's large
+temporaries up as much as minicnn's: the like-for-like comparison, and the one the ratio is taken
+against. "PyTorch alone" runs in a process of its own that does not call it, with glibc's
+default allocator, as a PyTorch script does, and takes its turns through a pipe.
 """
 import argparse
 import json
@@ -27,8 +31,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import minicnn  # noqa: E402  (before NumPy: it sets OpenBLAS's thread spin, see minicnn/__init__.py)
+# Read by OpenBLAS once, when NumPy loads it: idle threads sleep right after a product instead of
+# spinning ~0.1 s on a core the next work needs (docs/design.md, "Process-wide settings").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import minicnn  # noqa: E402
 import numpy as np  # noqa: E402
+from minicnn.fused import FusedAdam  # noqa: E402
 from minicnn.models import mnist_cnn  # noqa: E402
 
 
@@ -87,10 +95,9 @@ class TorchAlone:
 
     def __init__(self, batch):
         import subprocess
-        env = dict(os.environ, MINICNN_KEEP_FREED_MEMORY="0")
         self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker",
                                        str(batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, env=env)
+                                      text=True)
 
     def __call__(self, n):
         self.child.stdin.write(f"{n}\n")
@@ -119,16 +126,19 @@ def batch_data(batch):
     return rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch)
 
 
-def minicnn_model(device):
-    return mnist_cnn().to(device)
+def minicnn_model(device, fused=True):
+    """The example network on ``device``; ``fused``: ``minicnn.fuse`` of it, the fast path."""
+    model = mnist_cnn()
+    return (minicnn.fuse(model) if fused else model).to(device)
 
 
-def minicnn_step(x, y, device, graph=False):
-    """A training step of minicnn on (x, y); with ``graph``, recorded once as a CUDA graph and
-    replayed (``fit(cuda_graph=True)``)."""
-    model = minicnn_model(device)
-    loss_fn = minicnn.CrossEntropyLoss()
-    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+def minicnn_step(x, y, device, graph=False, fused=True):
+    """A training step of minicnn on (x, y), the fused network, loss and Adam (``fused``) or the
+    plain ones; with ``graph``, recorded once as a CUDA graph and replayed
+    (``fit(cuda_graph=True)``)."""
+    model = minicnn_model(device, fused)
+    loss_fn = minicnn.fused.CrossEntropyLoss() if fused else minicnn.CrossEntropyLoss()
+    opt = (FusedAdam if fused else minicnn.Adam)(model.parameters(), lr=1e-3)
     x, y = minicnn.to_device(x, device), minicnn.to_device(y, device)
 
     def body(xs, ys):
@@ -171,12 +181,17 @@ def torch_step(x, y, device, tf32=False):
 
 
 def layer_times(batch, device, sync, repeats):
-    """Per-layer (name, minicnn fwd ms, minicnn bwd ms, torch fwd ms, torch bwd ms); medians."""
+    """Per module of the fused network (name, minicnn fwd ms, minicnn bwd ms, torch fwd ms,
+    torch bwd ms), beside the PyTorch layers it replaces (a fused module keeps the name of the
+    first plain layer of its run: "0" .. "3" are layers 0, 1, 2); medians."""
     rng = np.random.default_rng(0)
-    ours = list(minicnn_model(device))
+    named = list(minicnn_model(device).named_children())
+    ours = [layer for _, layer in named]
     try:
         import torch
-        theirs = list(torch_model(device))
+        plain = list(torch_model(device))
+        starts = [int(name) for name, _ in named] + [len(plain)]
+        theirs = [torch.nn.Sequential(*plain[a:b]) for a, b in zip(starts, starts[1:])]
     except ImportError:
         theirs = [None] * len(ours)
 
@@ -246,6 +261,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.torch_worker:
         return torch_worker(args.torch_worker)
+    # process-wide: it changes what is timed, for PyTorch in this process too (see the docstring)
+    print(f"minicnn.tune_process(): {minicnn.tune_process() or 'changed nothing'}")
 
     device = minicnn.device(args.device).type
     sync = _synchronizer(device)
@@ -254,12 +271,14 @@ def main(argv=None):
     print(", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"training step of the example network, fp32, Adam; median of {args.repeats} x "
           f"{args.steps} steps")
-    names = {"minicnn": "minicnn", "minicnn_graph": "minicnn graph", "torch": "PyTorch",
-             "torch_tf32": "PyTorch TF32", "torch_alone": "PyTorch alone"}
+    names = {"minicnn": "minicnn fused", "minicnn_plain": "minicnn plain",
+             "minicnn_graph": "minicnn graph", "torch": "PyTorch", "torch_tf32": "PyTorch TF32",
+             "torch_alone": "PyTorch alone"}
     results = []
     for batch in args.batch_sizes:
         x, y = batch_data(batch)
-        runners = {"minicnn": timed(minicnn_step(x, y, device), sync)}
+        runners = {"minicnn": timed(minicnn_step(x, y, device), sync),
+                   "minicnn_plain": timed(minicnn_step(x, y, device, fused=False), sync)}
         if device == "cuda":
             runners["minicnn_graph"] = timed(minicnn_step(x, y, device, graph=True), sync)
         alone = None
@@ -288,8 +307,8 @@ def main(argv=None):
     if args.layers:
         batch = args.batch_sizes[0]
         layers = layer_times(batch, device, sync, max(args.repeats, 5) * 3)
-        print(f"\nper layer at batch {batch}, milliseconds (median; backward = forward+backward "
-              "minus forward)")
+        print(f"\nper module of the fused network at batch {batch}, beside the PyTorch layers it "
+              "replaces; milliseconds (median; backward = forward+backward minus forward)")
         print(f"{'layer':<28} {'minicnn fwd':>11} {'bwd':>7} {'PyTorch fwd':>11} {'bwd':>7}")
         for name, f, b, tf, tb in layers:
             torch_cols = f"{tf:>11.3f} {tb:>7.3f}" if tf is not None else f"{'-':>11} {'-':>7}"

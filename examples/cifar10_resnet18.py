@@ -20,14 +20,18 @@ the script says so and exits with status 2; ``--synthetic`` trains on random ima
 measure speed (its accuracy means nothing).
 """
 import argparse
+import os
 import sys
 
-import minicnn  # before NumPy: it sets OpenBLAS's thread spin (minicnn/__init__.py)
-import numpy as np
-from minicnn import CIFAR10, augment
-from minicnn.amp import GradScaler
-from minicnn.data import ArrayDataset, DataLoader, DatasetUnavailable
-from minicnn.models import resnet18
+# Read by OpenBLAS once, when NumPy loads it: idle threads sleep right after a product instead of
+# spinning ~0.1 s on a core the next work needs (docs/design.md, "Process-wide settings").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import minicnn  # noqa: E402
+import numpy as np  # noqa: E402
+from minicnn import CIFAR10, augment  # noqa: E402
+from minicnn.amp import GradScaler  # noqa: E402
+from minicnn.data import ArrayDataset, DataLoader, DatasetUnavailable  # noqa: E402
+from minicnn.models import resnet18  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,13 +112,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be at least 1, got {args.limit}")
+    minicnn.tune_process()      # process-wide: glibc keeps freed memory for reuse (fit does it too)
 
     dev = minicnn.device(args.device)
     minicnn.seed(args.seed)
     train_set, test_set = load_data(args)
-    model = build_model(args.pretrained).to(dev)
+    # The fast path, asked for here: minicnn.fuse puts fused modules in place of the plain layers
+    # (each convolution's fast im2col and input gradient, the stem's max pool split between
+    # threads), with the same parameters and state_dict names; and the one-kernel loss.
+    model = minicnn.fuse(build_model(args.pretrained)).to(dev)
     optimizer = minicnn.Adam(model.parameters(), lr=args.lr)
-    loss_fn = minicnn.CrossEntropyLoss()
+    loss_fn = minicnn.fused.CrossEntropyLoss()
     scaler = GradScaler() if args.amp else None
     train = augment.batches(DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                        device=dev),
@@ -123,7 +131,8 @@ def main(argv=None):
     precision = "fp16" if args.amp else "fp32"
     print(f"device {dev}; {len(train_set):,} training and {len(test_set):,} test images; "
           f"ResNet-18 ({'ImageNet weights, ' if args.pretrained else ''}"
-          f"{model.num_parameters():,} parameters); {precision}, batch {args.batch_size}")
+          f"{model.num_parameters():,} parameters, fused by minicnn.fuse); {precision}, batch "
+          f"{args.batch_size}")
 
     def save(row):
         meta = {"epoch": row["epoch"], "test_accuracy": row["val_accuracy"],

@@ -8,21 +8,26 @@ wall-clock time, the speed-up, and how far apart the final parameters are. Witho
 it says why and times the CPU alone.
 """
 import argparse
+import os
 import time
 
-import minicnn  # before NumPy: it sets OpenBLAS's thread spin (minicnn/__init__.py)
-import numpy as np
-from minicnn.backend import cuda_unavailable_reason
-from minicnn.data import MNIST, DataLoader, DatasetUnavailable, mnist_sample
-from minicnn.models import mnist_cnn
+# Read by OpenBLAS once, when NumPy loads it: idle threads sleep right after a product instead of
+# spinning ~0.1 s on a core the next work needs (docs/design.md, "Process-wide settings").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import minicnn  # noqa: E402
+import numpy as np  # noqa: E402
+from minicnn.backend import cuda_unavailable_reason  # noqa: E402
+from minicnn.data import MNIST, DataLoader, DatasetUnavailable, mnist_sample  # noqa: E402
+from minicnn.models import mnist_cnn  # noqa: E402
 
 
 def train(device, dataset, steps, batch_size, seed):
     """Train for ``steps`` steps on ``device``; returns (seconds, final loss, parameters)."""
     minicnn.seed(seed)
-    model = mnist_cnn().to(device)
-    optimizer = minicnn.Adam(model.parameters(), lr=1e-3)
-    loss_fn = minicnn.CrossEntropyLoss()
+    # timed, so the fast path on both devices: the fused network (minicnn.fuse), loss and Adam
+    model = minicnn.fuse(mnist_cnn()).to(device)
+    optimizer = minicnn.fused.FusedAdam(model.parameters(), lr=1e-3)
+    loss_fn = minicnn.fused.CrossEntropyLoss()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, device=device)
     done, loss = 0, None
     start = time.perf_counter()
@@ -47,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
+    # process-wide, and it changes the CPU time: say so
+    print(f"minicnn.tune_process(): {minicnn.tune_process() or 'changed nothing'}")
     try:
         dataset = MNIST(args.data_dir, train=True, download=False)
     except DatasetUnavailable:

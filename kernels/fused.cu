@@ -2,9 +2,10 @@
 // cross-entropy (loss, gradient and accuracy in one pass), and Adam over every parameter at once.
 //
 // Compiled once per dtype with -Dscalar_t=float|double (element type) -Dacc_t=float|double (sums).
-// Reference: the NumPy paths of bias_relu, relu_backward, softmax_cross_entropy and
-// adam_multi_tensor in minicnn/fused.py. At batch 128 a GPU step is launch-bound, so each kernel
-// here replaces several elementwise launches.
+// Reference: the NumPy paths of bias_relu, relu_backward and softmax_cross_entropy in
+// minicnn/fused/ops.py; for adam_multi_tensor (launched by minicnn/fused/adam.py), optim.Adam.
+// At batch 128 a GPU step is launch-bound, so each kernel here replaces several elementwise
+// launches.
 //
 // bias_relu_forward: y (rows, channels), in place: y = relu(y + bias[c]), bias (channels,).
 //   One thread per element, idx = row*channels + c. relu(v) is np.maximum(v, 0): NaN stays NaN
@@ -27,13 +28,14 @@
 //   offsets (tensors+1,) int64: prefix sums of the sizes (offsets[0] = 0, offsets[tensors] =
 //   total). One thread per element of the concatenation, idx in [0, total): binary search in
 //   offsets for its tensor j, then element idx - offsets[j] of that tensor.
-//   hyper (8,), read by every thread, so a CUDA graph replays with new values without re-capture:
+//   hyper (8,), read by every thread, so a CUDA graph replays with new values without re-capture
+//   (AdamConstants in minicnn/fused/adam.py, the same names in the same order):
 //     [0] 1 - beta1   [1] beta2   [2] 1 - beta2   [3] eps
 //     [4] weight_decay (L2, Adam; 0 for AdamW)    [5] step_size = lr / (1 - beta1^t)
 //     [6] bias2_sqrt = sqrt(1 - beta2^t)          [7] decay = 1 - lr*weight_decay (AdamW; else 1)
 //   Each is computed on the host in double and rounded once to scalar_t: exactly the constants
-//   optim.Adam's NumPy arithmetic uses (it multiplies a float32 array by float32(1 - beta1), not
-//   by 1 - float32(beta1)). The update repeats optim.Adam.step operation for operation, in
+//   optim.Adam's array arithmetic uses (it multiplies a float32 array by float32(1 - beta1), not
+//   by 1 - float32(beta1)). The update repeats optim.Adam.apply_step operation for operation, in
 //   scalar_t, each product rounded on its own (no fma: see mul_rn), so it is bit-identical to it.
 // All kernels loop grid-stride over a 64-bit index, so a grid of any size covers everything.
 // No shared memory, no atomics: every output element is written by one thread.
@@ -156,7 +158,7 @@ extern "C" __global__ void adam_multi_tensor(const unsigned long long* __restric
         scalar_t* exp_avg = (scalar_t*)pointers[4 * lo + 2];
         scalar_t* exp_avg_sq = (scalar_t*)pointers[4 * lo + 3];
 
-        // optim.Adam.step, one operation per NumPy call there, in the same order
+        // optim.Adam.apply_step, one operation per array operation there, in the same order
         scalar_t p = mul_rn(param[i], decay);             // AdamW: p *= 1 - lr*wd (else p*1 == p)
         scalar_t g = grad[i];
         if (weight_decay != 0) g = mul_rn(p, weight_decay) + g;       // Adam: g = p*wd + grad

@@ -2,6 +2,8 @@
 //
 // Compiled once per dtype with -Dscalar_t=float|double (element type) -Dacc_t=float|double (sums).
 // Reference: im2col / col2im in minicnn/ops.py; same layout, same values, same summation order.
+// The leading windows only (OH, OW less than the full output) and the block order below are the
+// fast path's (minicnn/fused/windows.py); the plain ops pass the full output and th = tw = 1.
 //
 // Shapes (all arrays C-contiguous):
 //   x     (B, C, H, W)              NCHW input
@@ -14,7 +16,8 @@
 // im2col can order its rows in blocks instead (th, tw > 1, dividing OH, OW): row
 //   r = (((p*tw + q)*B + b)*OH2 + oh2)*OW2 + ow2,   OH2 = OH/th, OW2 = OW/tw,
 // for output pixel (oh, ow) = (oh2*th + p, ow2*tw + q): one block of rows per offset (p, q) of a
-// th x tw pooling window (maxpool_blocks in minicnn/ops.py). th = tw = 1 is the order above.
+// th x tw pooling window (maxpool_blocks in minicnn/fused/windows.py). th = tw = 1 is the order
+// above.
 //
 // im2col: one thread per element of cols, flat index idx = r*K + k
 //         = ((((b*OH + oh)*OW + ow)*kh + i)*kw + j)*C + c   (th = tw = 1).

@@ -1,7 +1,9 @@
 // pool.cu -- 2-D max and average pooling, forward and backward.
 //
 // Compiled once per dtype with -Dscalar_t=float|double (element type) -Dacc_t=float|double (sums).
-// Reference: maxpool2d, maxpool2d_backward, avgpool2d, avgpool2d_backward in minicnn/ops.py.
+// Reference: maxpool2d, maxpool2d_backward, avgpool2d, avgpool2d_backward in minicnn/ops.py;
+// maxpool2d with relu, maxpool_blocks and maxpool_blocks_backward in minicnn/fused/windows.py
+// (the plain maxpool2d passes relu = 0).
 //
 // Shapes (all arrays C-contiguous, except x in the forward kernels: they take its element strides
 // xb, xc, xh, xw, so that a convolution's output, an NCHW view of a channels-last buffer, is read

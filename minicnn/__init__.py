@@ -4,23 +4,15 @@ NumPy arrays on the CPU, CuPy arrays and hand-written CUDA kernels on NVIDIA GPU
 pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``, ``minicnn.Adam``,
 ``minicnn.fit``, ``minicnn.save`` ...
 """
-import os as _os
-
-# After each matrix product OpenBLAS's idle threads spin for ~0.1 s on the very cores that the
-# next elementwise NumPy work needs: a CPU training step of the example network ran 30-45%
-# slower. A short spin is asked for here; OpenBLAS reads it when NumPy first loads it, so it
-# takes effect when minicnn is imported before NumPy. A value already set is kept.
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-from . import amp, augment, models  # noqa: E402
+from . import amp, augment, models
 from .amp import GradScaler, autocast
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
-                      set_default_dtype, to_device, to_numpy)
-from .backend import keep_freed_memory as _keep_freed_memory
+                      set_default_dtype, to_device, to_numpy, tune_process)
 from .blocks import BasicBlock
 from .cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
                    DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
+from .fused import fuse
 from .io import CheckpointError, load, save
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear,
                      MaxPool2d, ReLU)
@@ -34,8 +26,6 @@ from .train import History, evaluate, fit
 from .weights import WeightsError, load_torch_weights
 
 __version__ = "0.1.0"
-
-_keep_freed_memory()        # a training step's large temporaries are reused, not page-faulted in
 
 __all__ = [
     "GradScaler",
@@ -60,6 +50,7 @@ __all__ = [
     "set_default_dtype",
     "to_device",
     "to_numpy",
+    "tune_process",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "MNIST",
@@ -100,4 +91,5 @@ __all__ = [
     "History",
     "evaluate",
     "fit",
+    "fuse",
 ]

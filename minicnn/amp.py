@@ -20,10 +20,14 @@ float32 ACCUMULATION, from the float32 master weights: both factors are rounded 
 product of two float16 numbers is exact in float32, and the sums run in float32. That is what a
 GPU's tensor cores do. Nothing else changes: the outputs of Conv2d and Linear are float32, so ReLU,
 pooling, BatchNorm, the loss and the CUDA pooling kernels all run in float32 as before (no float16
-kernel is needed), and gradients accumulate into the float32 ``Parameter.grad``. A layer records
-in its cache whether its forward ran under autocast, and its backward follows that, whether or not
-backward itself runs inside the ``with`` block. Float64 layers (reference runs) are left alone, as
-PyTorch's autocast leaves float64.
+kernel is needed), and gradients accumulate into the float32 ``Parameter.grad``.
+
+A layer does not branch on autocast: it asks ``policy(dtype)`` for its precision policy once per
+forward and makes every product through it (``operand`` for each factor, ``matmul`` for the
+product). Outside autocast the policy is ``ops.matmul`` of the arrays as they are; inside, it is
+``Float16Operands``. The layer keeps the policy in its cache, so its backward follows its forward,
+whether or not backward itself runs inside the ``with`` block. Float64 layers (reference runs) are
+left alone, as PyTorch's autocast leaves float64.
 
 Outside autocast nothing changes at all: the same operations run, bit for bit, as without this
 module.
@@ -32,7 +36,7 @@ The trade-off against PyTorch: PyTorch's autocast keeps the activations between 
 which halves the memory traffic of the elementwise layers and the activation memory. Here they stay
 float32: simpler (one set of kernels, no casts to place by hand, every non-product op exactly as in
 fp32 training) and more precise, but the speed-up is only that of the products and, on the GPU,
-the smaller saved im2col matrices (kept in float16 for backward).
+the smaller saved im2col matrices (kept in float16 for backward: a convolution keeps its operands).
 
 The two backends
 ----------------
@@ -211,24 +215,44 @@ def matmul(a, b):
     return matmul_half(half(a), half(b))
 
 
-def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0), used=None, blocks=None):
-    """``half(ops.im2col(x, ...))``: the unfolded windows as float16 operands.
+# --- the precision policy a layer asks for --------------------------------------------------------
 
-    On the CPU the input is rounded before unfolding (kh*kw times fewer values to round, the same
-    result, since im2col only copies); on the GPU the float32 kernel unfolds and the columns are
-    then cast (the kernels are compiled for float32 and float64 only).
+class Policy:
+    """How a layer multiplies: ``operand(a)`` is a factor as the products take it, and
+    ``matmul(a, b)`` the product of two operands. A layer asks ``policy(dtype)`` once per
+    forward and keeps the answer for its backward, so backward multiplies as its forward did.
+
+    This policy multiplies the arrays as they are, by ``ops.matmul``.
     """
-    if get_array_module(x) is np:
-        return ops.im2col(half(x), kh, kw, stride, pad, used, blocks)
-    return half(ops.im2col(x, kh, kw, stride, pad, used, blocks))
+
+    def operand(self, a):
+        return a
+
+    def matmul(self, a, b):
+        return ops.matmul(a, b)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
 
 
-def col2im_matmul(dy2, w, x_shape, kh, kw, stride=(1, 1), pad=(0, 0), used=None):
-    """``ops.col2im_matmul`` for ``half`` operands: a convolution's input gradient with float16
-    operands and float32 sums. dy2 (B*OH*OW, O), w (O, kh*kw*C) -> dx (B,C,H,W) float32."""
-    if get_array_module(dy2) is np:
-        return ops.col2im_matmul(dy2, w, x_shape, kh, kw, stride, pad, used)
-    return ops.col2im(matmul_half(dy2, w), x_shape, kh, kw, stride, pad, used)
+class Float16Operands(Policy):
+    """Autocast's products: float16 operands (``half``), float32 sums (``matmul_half``)."""
+
+    def operand(self, a):
+        return half(a)
+
+    def matmul(self, a, b):
+        return matmul_half(a, b)
+
+
+_AS_GIVEN, _FLOAT16 = Policy(), Float16Operands()
+
+
+def policy(dtype):
+    """The precision policy of a layer computing in ``dtype`` now: ``Float16Operands`` inside
+    ``autocast()`` for a float32 layer (``enabled_for``), else ``Policy`` (the arrays as they
+    are)."""
+    return _FLOAT16 if enabled_for(dtype) else _AS_GIVEN
 
 
 # --- loss scaling ------------------------------------------------------------------------------

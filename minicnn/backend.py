@@ -1,4 +1,4 @@
-"""Backends, the default dtype and the one random generator.
+"""Backends, the default dtype, the one random generator and the process-wide allocator setting.
 
 An array's backend is read from the array itself (``get_array_module(x)``, as Chainer does), never
 from a global, so the same layer code runs on NumPy arrays and on CuPy arrays. CuPy is imported
@@ -11,37 +11,42 @@ import sys
 
 import numpy as np
 
+from .errors import DeviceError
+
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _default_dtype = np.dtype(np.float32)
 _rng = np.random.default_rng(0)
 _auto_announced = False
 
 
-class DeviceError(RuntimeError):
-    """Raised when a device is asked for that this machine cannot give, with the reason."""
+# --- process-wide settings ---------------------------------------------------------------------
 
+def tune_process():
+    """Set this process's C allocator for fast CPU training: glibc keeps freed memory for reuse.
 
-# --- host memory -------------------------------------------------------------------------------
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees ~100 MB of large arrays. By default glibc maps each one
-    fresh and returns it when freed, so every step touches thousands of new pages, each a page
-    fault: a third of a CPU step on a 2-core machine. Called once when minicnn is imported, on
-    Linux with glibc (a no-op elsewhere); set MINICNN_KEEP_FREED_MEMORY=0 to opt out. Returns
-    whether the setting was applied.
+    Process-wide, not minicnn's alone: every library that allocates through glibc (NumPy,
+    PyTorch, ...) gets heap memory for blocks under 32 MiB instead of fresh pages from the OS, and
+    up to 1 GiB of freed memory stays with the process. Importing minicnn never calls it; ``fit``,
+    the examples and the benchmarks do. glibc cannot restore its self-adjusting defaults, so it
+    cannot be undone: to opt out, set MINICNN_TUNE_PROCESS=0 and it changes nothing. A no-op
+    where the C library is not glibc. Returns what it changed as one line, or "" when nothing.
+    OpenBLAS's thread spin cannot be set by a call (docs/design.md, "Process-wide settings").
     """
-    if os.environ.get("MINICNN_KEEP_FREED_MEMORY") == "0" or not sys.platform.startswith("linux"):
-        return False
+    if os.environ.get("MINICNN_TUNE_PROCESS") == "0" or not sys.platform.startswith("linux"):
+        return ""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
+        return ""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # glibc's largest mmap threshold (32 MiB on 64-bit): arrays below it come from the heap, and a
-    # trim threshold of 1 GiB keeps freed heap memory around for the next step.
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    # A training step allocates and frees ~100 MB of large arrays. With glibc's defaults each one
+    # is mapped fresh and handed back when freed, so every step faulted in thousands of new pages:
+    # a third of a CPU step on a 2-core machine. Below the mmap threshold (32 MiB, glibc's largest
+    # on 64-bit) arrays come from the heap, and a trim threshold of 1 GiB keeps freed heap memory
+    # for the next step.
+    if libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30):
+        return "glibc keeps freed memory for reuse (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB)"
+    return ""
 
 
 # --- dtype and randomness ----------------------------------------------------------------------

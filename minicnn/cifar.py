@@ -33,6 +33,7 @@ import numpy as np
 
 from .backend import get_default_dtype
 from .data import ArrayDataset, DatasetUnavailable, _download, _user_cache
+from .errors import CIFARFormatError
 
 # Per-channel (R, G, B) mean and standard deviation of the 50,000 CIFAR-10 training images scaled
 # to [0, 1], each over all 50,000 x 32 x 32 pixels of its channel: the population std of the
@@ -45,10 +46,6 @@ _PIXELS = 3 * 32 * 32          # bytes of one image: R plane, G plane, B plane
 _RECORD = 1 + _PIXELS          # one record of the binary version: label byte + pixels
 _FOLDERS = {"binary": "cifar-10-batches-bin", "python": "cifar-10-batches-py"}
 _ARCHIVES = {"binary": "cifar-10-binary.tar.gz", "python": "cifar-10-python.tar.gz"}
-
-
-class CIFARFormatError(ValueError):
-    """A CIFAR-10 batch file or archive that is not well-formed (or that a safe reader refuses)."""
 
 
 # --- the binary version ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_array_module
+from .errors import KernelCompileError
 
 THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65535          # kernels loop (grid-stride), so a capped grid still covers every element
@@ -31,11 +32,6 @@ _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)
 _POINTER = re.compile(r"^(const\s+)?((?:unsigned\s+|long\s+)*\w+)\s*\*\s*"
                       r"(?:__restrict__\s+)?(\w+)$")
 _VALUE = re.compile(r"^(?:const\s+)?((?:unsigned\s+|long\s+)*\w+)\s+(\w+)$")
-
-
-class KernelCompileError(RuntimeError):
-    """A kernel file that does not compile or load: the message names the file, the kernel when
-    one was being loaded, and the options, with the compiler's log or what to install."""
 
 
 def kernel_dir():

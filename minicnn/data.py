@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import device_of, get_array_module, get_default_dtype, rng, to_device
+from .errors import DatasetUnavailable, IDXError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Pixel mean and standard deviation of the 60,000 Fashion-MNIST training images scaled to [0, 1].
@@ -24,10 +25,6 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
 # --- IDX files ---------------------------------------------------------------------------------
-
-class IDXError(ValueError):
-    """A file that is not a well-formed IDX file (or gzip-compressed IDX file)."""
-
 
 # IDX stores every multi-byte value big-endian.
 _IDX_DTYPES = {
@@ -175,10 +172,6 @@ def _from_uint8(images, labels, mean, std, normalize, source):
         x -= mean
         x /= std
     return x.astype(dtype, copy=False), labels.astype(np.int64)
-
-
-class DatasetUnavailable(RuntimeError):
-    """A dataset whose files are neither on this machine nor downloadable from any mirror."""
 
 
 def _user_cache():

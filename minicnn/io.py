@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from .errors import CheckpointError
 from .lr_scheduler import LRScheduler
 from .module import Module
 from .optim import Optimizer
@@ -36,10 +37,6 @@ FORMAT_VERSION = 1
 # covers a flipped bit read as "encrypted" or (NotImplementedError) as an unknown compression
 _READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError, struct.error,
                 RuntimeError, OverflowError)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit what it is loaded into."""
 
 
 def save(model, path, optimizer=None, scheduler=None, metadata=None):

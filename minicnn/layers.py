@@ -6,7 +6,7 @@ per operation, same semantics on every backend).
 """
 import math
 
-from . import amp, fused, ops
+from . import amp, ops
 from .backend import device_of, get_array_module, rng
 from .module import Module, ShapeError, new_param
 
@@ -21,33 +21,6 @@ def _pair(v, name, layer, minimum):
 
 def _uniform(shape, bound):
     return rng().uniform(-bound, bound, size=shape)
-
-
-_ONES = {}      # (array type, length, dtype) -> a (1, length) row of ones, made once and reused
-
-
-def _column_sums(a):
-    """a (N, M) -> (M,) sums over rows, as the product of a row of ones with a: on BLAS that is
-    several times faster than a.sum(axis=0) for the tall matrices of a convolution's backward
-    (and faster as a (1, N) matrix than as a vector). The row of ones is kept between steps (one
-    launch less per layer on a GPU, and fixed memory for a recorded CUDA graph)."""
-    key = (type(a), a.shape[0], a.dtype.str)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = get_array_module(a).ones((1, a.shape[0]), dtype=a.dtype)
-    return ops.matmul(ones, a).reshape(-1)
-
-
-def _bias_then_relu(layer, y, relu):
-    """y (N, out) += the layer's bias, in place; with ``relu`` also y = max(y, 0), in the same
-    pass as the bias (``fused.bias_relu``). Sequential asks for it when a ReLU follows."""
-    if relu and layer.bias is not None:
-        return fused.bias_relu(y, layer.bias.data)
-    if layer.bias is not None:
-        ops.add_bias(y, layer.bias.data)
-    if relu:
-        get_array_module(y).maximum(y, 0, out=y)
-    return y
 
 
 def check_input(layer, x, ndim, what):
@@ -84,17 +57,7 @@ class Conv2d(Module):
     """2-D convolution (cross-correlation, as PyTorch) by im2col + one matrix product.
 
     x (B, in_channels, H, W) -> y (B, out_channels, OH, OW); weight (out, in, kh, kw), bias (out,).
-    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass.
-
-    ``forward(x, pool=p)``, for the pooling layer ``p`` that reads y next, computes only the
-    leading rows and columns of y that p's windows reach (``p.reach``): y (B, O, OH', OW'). When
-    p is a max pool whose windows tile them (``pooled_by_conv(p)``), the layer also applies p
-    and returns p's output, and its backward takes p's output gradient: its im2col orders the
-    rows window by window, so that the pooling runs over contiguous blocks (``ops.maxpool_blocks``);
-    ``relu`` then folds into the pooling, where relu(max) = max(relu).
     """
-
-    fuses_relu = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         name = "Conv2d"
@@ -118,64 +81,33 @@ class Conv2d(Module):
                               self.in_channels)
         return (in_shape[0], self.out_channels, oh, ow)
 
-    def forward(self, x, relu=False, pool=None):
+    def forward(self, x):
         check_input(self, x, 4, "(B, C, H, W)")
         B, O, OH, OW = self.output_shape(x.shape)
-        used = None
-        if pool is not None:
-            pool.output_shape((B, O, OH, OW))         # the pool's own shape check and message
-            OH, OW = used = pool.reach((OH, OW))
-        blocks = pool.kernel_size if pooled_by_conv(pool) else None
-        window = (*self.kernel_size, self.stride, self.padding, used)
+        prec = amp.policy(self.weight.dtype)     # how to multiply: float16 operands in autocast
         x = x.astype(self.weight.dtype, copy=False)
-        half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
-        if half:
-            cols = amp.im2col(x, *window, blocks)
-            wh = amp.half(self._weight_matrix())        # rounded once, kept for backward
-            y = amp.matmul_half(cols, wh.T)
-        else:
-            cols = ops.im2col(x, *window, blocks)                   # B*OH*OW, K
-            y = ops.matmul(cols, self._weight_matrix().T)           # B*OH*OW, O
-        if blocks:              # the pool, over the th*tw blocks of the window-ordered rows
-            th, tw = blocks
-            y = _bias_then_relu(self, y, False).reshape(th * tw, -1, O)
-            y, argmax = ops.maxpool_blocks(y, relu)                 # the ReLU, if any, in here
-            OH, OW = OH // th, OW // tw
-            relu_out, pooled = None, (blocks, argmax)
-        else:
-            y = _bias_then_relu(self, y, relu)
-            relu_out, pooled = (y if relu else None), None
+        cols = prec.operand(ops.im2col(x, *self.kernel_size, self.stride, self.padding))
+        w = prec.operand(self._weight_matrix())                            # O, K = kh*kw*C
+        y = prec.matmul(cols, w.T)                           # cols (B*OH*OW, K) -> B*OH*OW, O
+        if self.bias is not None:
+            y += self.bias.data
         if self.training:
-            self._cache = (cols, x.shape, window, wh if half else None, relu_out, pooled)
+            self._cache = (cols, w, prec, x.shape)
         # The product comes out channels-last; hand back an NCHW view instead of copying it.
         return y.reshape(B, OH, OW, O).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad=True):
-        cols, x_shape, window, wh, relu_out, pooled = self._pop_cache()
-        half = wh is not None                # the forward ran under autocast: so do the products
-        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)        # B*OH*OW, O
-        if pooled is not None:               # dy is the pool's: to the winners, block by block
-            (th, tw), argmax = pooled
-            dy2 = ops.maxpool_blocks_backward(dy2, argmax, th * tw).reshape(-1, self.out_channels)
-        if relu_out is not None:
-            dy2 = fused.relu_backward(dy2, relu_out)
-        kh, kw = self.kernel_size
+        cols, w, prec, x_shape = self._pop_cache()
+        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)            # B*OH*OW, O
         if self.bias is not None:
-            self.bias.grad += _column_sums(dy2)          # from the float32 dy2 in both cases
-        if half:
-            dy2 = amp.half(dy2)
-        # cols.T @ dy2 rather than dy2.T @ cols: as fast or faster with either layout of cols.
-        dw = amp.matmul_half(cols.T, dy2) if half else ops.matmul(cols.T, dy2)  # K, O
-        self.weight.grad += dw.reshape(kh, kw, self.in_channels, -1).transpose(3, 2, 0, 1)
+            self.bias.grad += dy2.sum(axis=0)
+        dy2 = prec.operand(dy2)
+        dw = prec.matmul(dy2.T, cols)                                            # O, K
+        kh, kw = self.kernel_size
+        self.weight.grad += dw.reshape(-1, kh, kw, self.in_channels).transpose(0, 3, 1, 2)
         if not input_grad:
             return None
-        if pooled is not None:               # back from window order to col2im's (b, oh, ow)
-            OH, OW = window[-1]
-            dy2 = dy2.reshape(th, tw, x_shape[0], OH // th, OW // tw, -1)
-            dy2 = dy2.transpose(2, 3, 0, 4, 1, 5).reshape(-1, self.out_channels)
-        if half:
-            return amp.col2im_matmul(dy2, wh, x_shape, *window)
-        return ops.col2im_matmul(dy2, self._weight_matrix(), x_shape, *window)
+        return ops.col2im(prec.matmul(dy2, w), x_shape, kh, kw, self.stride, self.padding)
 
     def _weight_matrix(self):
         """weight (O,C,kh,kw) as (O, kh*kw*C), matching im2col's (i, j, c) column order."""
@@ -187,10 +119,7 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in).
-    ``forward(x, relu=True)`` also applies a ReLU, in the bias's pass."""
-
-    fuses_relu = True
+    """y = x @ weight.T + bias.  x (B, in_features) -> y (B, out_features); weight (out, in)."""
 
     def __init__(self, in_features, out_features, bias=True):
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
@@ -203,42 +132,36 @@ class Linear(Module):
 
     def output_shape(self, in_shape):
         if len(in_shape) != 2 or in_shape[1] != self.in_features:
-            raise ShapeError(f"Linear: expected input shape (B, {self.in_features}), "
-                             f"got {tuple(in_shape)}")
+            raise ShapeError(f"{type(self).__name__}: expected input shape "
+                             f"(B, {self.in_features}), got {tuple(in_shape)}")
         return (in_shape[0], self.out_features)
 
-    def forward(self, x, relu=False):
+    def forward(self, x):
         check_input(self, x, 2, f"(B, {self.in_features})")
         self.output_shape(x.shape)
-        x = x.astype(self.weight.dtype, copy=False)
-        half = amp.enabled_for(x.dtype)      # under autocast: fp16 operands, fp32 sums (amp.py)
-        y = amp.matmul(x, self.weight.data.T) if half else ops.matmul(x, self.weight.data.T)
-        y = _bias_then_relu(self, y, relu)
+        prec = amp.policy(self.weight.dtype)     # how to multiply: float16 operands in autocast
+        x = prec.operand(x.astype(self.weight.dtype, copy=False))
+        w = prec.operand(self.weight.data)
+        y = prec.matmul(x, w.T)
+        if self.bias is not None:
+            y += self.bias.data
         if self.training:
-            self._cache = (x, half, y if relu else None)
+            self._cache = (x, w, prec)
         return y
 
     def backward(self, dy, input_grad=True):
-        x, half, relu_out = self._pop_cache()
-        if relu_out is not None:
-            dy = fused.relu_backward(dy, relu_out)
-        self.weight.grad += amp.matmul(dy.T, x) if half else ops.matmul(dy.T, x)
+        x, w, prec = self._pop_cache()
         if self.bias is not None:
-            self.bias.grad += _column_sums(dy)
+            self.bias.grad += dy.sum(axis=0)
+        dy = prec.operand(dy)
+        self.weight.grad += prec.matmul(dy.T, x)
         if not input_grad:
             return None
-        return amp.matmul(dy, self.weight.data) if half else ops.matmul(dy, self.weight.data)
+        return prec.matmul(dy, w)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
-
-
-def pooled_by_conv(pool):
-    """Whether a convolution right before ``pool`` applies it itself (``Conv2d.forward``): a
-    MaxPool2d whose windows tile what they read (stride = kernel, no padding)."""
-    return (type(pool) is MaxPool2d and pool.stride == pool.kernel_size
-            and pool.padding == (0, 0))
 
 
 class _Pool2d(Module):
@@ -258,14 +181,12 @@ class _Pool2d(Module):
         return tuple(in_shape[:2]) + _spatial_out(self, in_shape, self.kernel_size, self.stride,
                                                   self.padding)
 
-    def reach(self, size):
-        """(H', W') <= size: the leading rows and columns of an input of spatial ``size`` (H, W)
-        that the windows read. Less than ``size`` where the floor in the output size leaves the
-        last rows or columns out (a 2x2 pool over 11x11 reads 10x10)."""
-        # The last window ends at padded index s*(windows-1)+k-1. Cutting the input there keeps
-        # the same windows: it happens only when p < s, and then the floor gives `windows` again.
-        return tuple(min(n, s * (ops.out_size(n, k, s, p) - 1) + k - p)
-                     for n, k, s, p in zip(size, self.kernel_size, self.stride, self.padding))
+    def window(self, x):
+        """Check ``x`` (an array (B, C, H, W) the windows fit) and return the window arguments of
+        the pooling ops: kh, kw, stride, padding."""
+        check_input(self, x, 4, "(B, C, H, W)")
+        self.output_shape(x.shape)
+        return (*self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -275,15 +196,10 @@ class MaxPool2d(_Pool2d):
     """Max over each window; the first maximum wins ties; padding never wins.
 
     x (B,C,H,W) -> y (B,C,OH,OW). Backward routes dy to the recorded winners.
-    ``forward(x, relu=True)`` gives relu(max) in the same pass, for free.
     """
 
-    fuses_relu = True
-
-    def forward(self, x, relu=False):
-        check_input(self, x, 4, "(B, C, H, W)")
-        self.output_shape(x.shape)
-        y, argmax = ops.maxpool2d(x, *self.kernel_size, self.stride, self.padding, relu)
+    def forward(self, x):
+        y, argmax = ops.maxpool2d(x, *self.window(x))
         if self.training:
             self._cache = (argmax, x.shape)
         return y
@@ -301,11 +217,10 @@ class AvgPool2d(_Pool2d):
     """
 
     def forward(self, x):
-        check_input(self, x, 4, "(B, C, H, W)")
-        self.output_shape(x.shape)
+        y = ops.avgpool2d(x, *self.window(x))
         if self.training:
             self._cache = x.shape
-        return ops.avgpool2d(x, *self.kernel_size, self.stride, self.padding)
+        return y
 
     def backward(self, dy, input_grad=True):
         return ops.avgpool2d_backward(dy, self._pop_cache(), *self.kernel_size, self.stride,
@@ -436,7 +351,7 @@ class AdaptiveAvgPool2d(Module):
         inside = (cols >= start[:, None]) & (cols < end[:, None])
         return (inside / (end - start)[:, None]).astype(dtype)
 
-    def forward(self, x, relu=False):
+    def forward(self, x):
         check_input(self, x, 4, "(B, C, H, W)")
         B, C, OH, OW = self.output_shape(x.shape)
         H, W = x.shape[2:]

@@ -14,10 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import device, device_of, get_array_module, get_default_dtype, to_device, to_numpy
-
-
-class ShapeError(ValueError):
-    """An input whose rank, size or channel count a layer cannot take."""
+from .errors import ShapeError
 
 
 class Parameter:
@@ -283,72 +280,37 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order; ``backward`` runs them in reverse. Indexable like a list.
+    """Layers applied in order, each running its own forward; ``backward`` runs their backwards
+    in reverse. Indexable like a list.
 
-    Forward follows ``_plan()``, which may run a layer in another place or tell it what the next
-    layer needs, with the same outputs and gradients, where that saves work (see there).
+    ``Sequential(layer0, layer1, ...)`` names the layers "0", "1", ...;
+    ``Sequential(OrderedDict([("conv", layer), ...]))`` gives them names of your choice (which
+    ``state_dict`` keys start with), as PyTorch. ``model[i]`` is the i-th layer in order whatever
+    the names, and ``model[i:j]`` a Sequential of those layers under their names.
     """
 
     def __init__(self, *layers):
-        for i, layer in enumerate(layers):
+        if len(layers) == 1 and isinstance(layers[0], OrderedDict):
+            named = list(layers[0].items())
+        else:
+            named = [(str(i), layer) for i, layer in enumerate(layers)]
+        for name, layer in named:
             if not isinstance(layer, Module):
-                raise TypeError(f"Sequential: argument {i} must be a Module, got {type(layer).__name__}")
-            setattr(self, str(i), layer)
+                raise TypeError(f"Sequential: layer {name!r} must be a Module, got "
+                                f"{type(layer).__name__}")
+            if not isinstance(name, str) or not name or "." in name or hasattr(self, name):
+                raise ValueError(f"Sequential: layer names must be distinct non-empty strings "
+                                 f"without a dot that are not attributes of Sequential, got "
+                                 f"{name!r}")
+            setattr(self, name, layer)
 
     def _layers(self):
         return [m for _, m in self.named_children()]
 
-    def _plan(self):
-        """[(layer, keyword arguments for its forward)] in the order forward runs them. As given,
-        except:
-
-        - a ReLU directly before a MaxPool2d runs after it. ReLU never decreases, so
-          relu(max(a, b)) equals max(relu(a), relu(b)); where a window's maximum is <= 0 both
-          orders pass no gradient, elsewhere they pick the same winner;
-        - a ReLU right after a layer that can apply it in its own pass (``fuses_relu``: a
-          MaxPool2d, whose running maximum then starts at 0, or a Conv2d or Linear, in the
-          bias's pass) is done there (``relu=True``), not on its own;
-        - a Conv2d right before a pooling layer is handed it (``pool=``) and computes only the
-          outputs whose rows and columns the pool's windows reach: a 2x2 pool over an 11x11
-          map reads 10x10 of it, and the convolution does 17% less work. A max pool whose
-          windows tile that (``layers.pooled_by_conv``) is then applied by the convolution,
-          over contiguous blocks, and leaves the plan (a ReLU it took goes with it).
-
-        So the ReLUs of conv-ReLU-pool networks cost nothing, forward or backward. Outputs and
-        gradients are those of the given order to the last bit, except a convolution's weight
-        and bias gradients when it is cut short (its sums leave out terms that are exactly zero)
-        or applies the pool (they run over its rows in window order): BLAS may group such sums
-        differently, a difference in the last bits.
-        """
-        # imported here: layers.py builds on this module
-        from .layers import Conv2d, MaxPool2d, ReLU, _Pool2d, pooled_by_conv
-        order = self._layers()
-        for i in range(len(order) - 1):
-            if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
-                order[i], order[i + 1] = order[i + 1], order[i]
-        plan = []
-        for layer in order:
-            if (type(layer) is ReLU and plan and "relu" not in plan[-1][1]
-                    and getattr(plan[-1][0], "fuses_relu", False)):
-                plan[-1][1]["relu"] = True
-            else:
-                plan.append((layer, {}))
-        fused = []
-        for layer, opts in plan:
-            conv, conv_opts = fused[-1] if fused else (None, {})
-            if type(conv) is Conv2d and isinstance(layer, _Pool2d) and "pool" not in conv_opts:
-                conv_opts["pool"] = layer
-                if pooled_by_conv(layer):
-                    conv_opts["relu"] = conv_opts.get("relu", False) or opts.get("relu", False)
-                    continue
-            fused.append((layer, opts))
-        return fused
-
     def __getitem__(self, i):
-        layers = self._layers()
         if isinstance(i, slice):
-            return Sequential(*layers[i])
-        return layers[i]
+            return Sequential(OrderedDict(list(self.named_children())[i]))
+        return self._layers()[i]
 
     def __len__(self):
         return len(self._layers())
@@ -357,23 +319,20 @@ class Sequential(Module):
         return iter(self._layers())
 
     def forward(self, x):
-        plan = self._plan()
-        for layer, opts in plan:
-            x = layer.forward(x, **opts)
-        if self.training:
-            self._cache = plan
+        for layer in self._layers():
+            x = layer.forward(x)
         return x
 
     def backward(self, dy, input_grad=True):
-        plan = [layer for layer, _ in self._pop_cache()]
+        layers = self._layers()
         first = 0
         if not input_grad:
             # Without dx wanted, the layers before the first one with parameters need no backward.
-            first = next((i for i, m in enumerate(plan) if m.parameters()), len(plan))
-            for layer in plan[:first]:
+            first = next((i for i, m in enumerate(layers) if m.parameters()), len(layers))
+            for layer in layers[:first]:
                 layer._cache = None
-        for i in range(len(plan) - 1, first - 1, -1):
-            dy = plan[i].backward(dy, input_grad=input_grad or i > first)
+        for i in range(len(layers) - 1, first - 1, -1):
+            dy = layers[i].backward(dy, input_grad=input_grad or i > first)
         return dy
 
     def output_shape(self, in_shape):

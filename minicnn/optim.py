@@ -1,17 +1,19 @@
 """Optimizers with PyTorch's update rules: SGD (momentum, Nesterov, dampening, weight decay), Adam
 and AdamW.
 
-Every update runs in place on the parameter's own arrays, NumPy or CuPy, through one scratch
-array per parameter, so a step allocates nothing after the first and never waits on the device.
-Hyper-parameters are plain attributes (``opt.lr``, ``opt.momentum``, ``opt.betas``) that
-schedulers change between steps; per-parameter buffers live in ``opt.state[i]`` and are made on
-the first step, on the parameter's device, and follow the parameters when the model moves.
+The reference: each ``apply_step`` loops over the parameters and writes its class docstring's
+formula in array code, NumPy or CuPy alike, updating the parameter's own arrays in place and never
+waiting on the device. Hyper-parameters are plain attributes (``opt.lr``, ``opt.momentum``,
+``opt.betas``) that schedulers change between steps; per-parameter buffers live in
+``opt.state[i]`` and are made on the first step, on the parameter's device, and follow the
+parameters when the model moves. The fast path, every parameter in one kernel launch and a step
+a CUDA graph can record, is ``minicnn.fused.FusedAdam``/``FusedAdamW``, tested equal to these.
 """
+import math
 import numbers
 
 import numpy as np
 
-from . import fused
 from .backend import device_of, get_array_module, to_device, to_numpy
 from .module import Module, Parameter
 
@@ -20,8 +22,8 @@ class Optimizer:
     """Base class: the parameter list, hyper-parameters as attributes, per-parameter state.
 
     ``__init__(params, **defaults)``: the keyword names are the optimizer's hyper-parameters.
-    Subclasses define ``step``, ``_buffer_names`` (what ``state[i]`` may hold) and
-    ``_checked_hyper`` (validation shared by the constructor and ``load_state_dict``).
+    Subclasses define ``apply_step`` (the update), ``_buffer_names`` (what ``state[i]`` may
+    hold) and ``_checked_hyper`` (validation shared by the constructor and ``load_state_dict``).
     """
 
     _buffer_names = ()
@@ -32,15 +34,20 @@ class Optimizer:
         self.__dict__.update(self._checked_hyper(defaults))
         self.step_count = 0
         self.state = [{} for _ in self.params]
-        self._scratch = {}
 
     def _checked_hyper(self, hyper):
         """``hyper`` validated and normalised to plain Python values; raises ValueError."""
         raise NotImplementedError
 
     # A step has a host half and a device half, so that a CUDA graph can record the device half
-    # once and the host half can still run before every replay (minicnn/graph.py).
+    # once and the host half can still run before every replay (minicnn/fused/graph.py).
     capturable = False     # whether apply_step reads everything that changes from device memory
+
+    @property
+    def state_type(self):
+        """The ``type`` entry of ``state_dict()``: the class name (a fused optimizer gives the
+        plain one's, so that a state moves between the two)."""
+        return type(self).__name__
 
     def step(self):
         """Update every parameter with ``requires_grad`` from its ``.grad``."""
@@ -48,11 +55,13 @@ class Optimizer:
         self.apply_step()
 
     def prepare_step(self):
-        """The host half of ``step``: count the step (and write what the update kernel reads)."""
+        """The host half of ``step``: count the step (a fused optimizer also writes what its
+        kernel reads)."""
         self.step_count += 1
 
     def apply_step(self):
-        """The device half of ``step``: the update itself, from the current hyper-parameters."""
+        """The device half of ``step``: the update of step ``step_count`` from the current
+        hyper-parameters."""
         raise NotImplementedError
 
     def zero_grad(self):
@@ -82,14 +91,6 @@ class Optimizer:
             buf = self.state[i][name] = get_array_module(data).zeros_like(data)
         return buf
 
-    def _tmp(self, i, k=0):
-        """Scratch array ``k`` shaped like parameter ``i``, kept between steps (never saved)."""
-        buf = self._scratch.get((i, k))
-        data = self.params[i].data
-        if buf is None or get_array_module(buf) is not get_array_module(data):
-            buf = self._scratch[i, k] = get_array_module(data).empty_like(data)
-        return buf
-
     # --- state ---------------------------------------------------------------------------------
 
     def state_dict(self):
@@ -101,7 +102,7 @@ class Optimizer:
         ``hyper`` is JSON-able; buffers are NumPy copies (fetched from the GPU if needed).
         """
         return {
-            "type": type(self).__name__,
+            "type": self.state_type,
             "hyper": {k: _jsonable(getattr(self, k)) for k in self._hyper_names},
             "step": self.step_count,
             "num_params": len(self.params),
@@ -197,56 +198,39 @@ class SGD(Optimizer):
 
     def apply_step(self):
         """One SGD update of every parameter with ``requires_grad`` (see the class docstring)."""
-        lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        lr, mu, dampening, wd = self.lr, self.momentum, self.dampening, self.weight_decay
         for i, p in self._trainable():
-            xp = get_array_module(p.data)
-            tmp = self._tmp(i)
-            d = p.grad
-            if wd:
-                xp.multiply(p.data, wd, out=tmp)
-                tmp += d
-                d = tmp
+            g = p.grad + wd * p.data if wd else p.grad
             if mu:
                 buf = self._buffer(i, "momentum_buffer")
                 if buf is None:
-                    buf = self.state[i]["momentum_buffer"] = d.copy()
+                    buf = self.state[i]["momentum_buffer"] = g.copy()
                 else:
-                    buf *= mu
-                    if self.dampening:
-                        # d is not needed after this: nesterov forbids dampening
-                        d = xp.multiply(d, 1 - self.dampening, out=tmp)
-                    buf += d
-                if self.nesterov:
-                    # p -= lr*(d + mu*buf), as two passes so that one scratch array suffices
-                    _sub_scaled(p.data, lr, d, tmp)
-                    _sub_scaled(p.data, lr * mu, buf, tmp)
-                else:
-                    _sub_scaled(p.data, lr, buf, tmp)
-            else:
-                _sub_scaled(p.data, lr, d, tmp)
+                    buf[...] = mu * buf + (1 - dampening) * g
+                g = g + mu * buf if self.nesterov else buf
+            p.data -= lr * g
 
 
 class Adam(Optimizer):
-    """Adam, PyTorch's rule, with L2 weight decay added to the gradient. At step t::
+    """Adam, PyTorch's rule. At step t (1 on the first), for each parameter p with gradient grad::
 
-        g  = grad + weight_decay*p        (AdamW instead: p *= 1 - lr*weight_decay)
+        p *= 1 - lr*weight_decay          (AdamW only: decoupled weight decay)
+        g  = grad + weight_decay*p        (Adam only: L2 weight decay; AdamW has g = grad)
         m  = beta1*m + (1 - beta1)*g
         v  = beta2*v + (1 - beta2)*g*g
         p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
-    One call updates every parameter (``fused.adam_multi_tensor``: a NumPy loop on the CPU, one
-    kernel launch on a GPU). The constants of step t are written by ``prepare_step`` into a small
-    array on the parameters' device that the update reads, so a recorded CUDA graph of the
-    update follows the step count and a scheduler's learning rate (``capturable``).
+    ``apply_step`` computes it in PyTorch's order: m as m + (1 - beta1)*(g - m) (its ``lerp``),
+    the last line as step_size * (m / denominator), each constant in double precision first.
+    The same update in one kernel launch for every parameter, capturable in a CUDA graph:
+    ``minicnn.fused.FusedAdam``.
     """
 
     _buffer_names = ("exp_avg", "exp_avg_sq")
     _decoupled = False
-    capturable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self._hyper = self._table = None
 
     def _checked_hyper(self, hyper):
         owner = type(self).__name__
@@ -258,32 +242,19 @@ class Adam(Optimizer):
                              for j, b in enumerate(betas))
         return out
 
-    def prepare_step(self):
-        """Count the step and write its constants into the device array the update reads (in
-        place: a recorded graph keeps reading the same memory)."""
-        super().prepare_step()
-        data = self.params[0].data
-        xp = get_array_module(data)
-        hyper = self._hyper
-        if hyper is None or get_array_module(hyper) is not xp or hyper.dtype != data.dtype:
-            hyper = None
-        self._hyper = fused.adam_hyper(self.lr, self.betas, self.eps, self.weight_decay,
-                                       self.step_count, self._decoupled, xp, data.dtype, out=hyper)
-
     def apply_step(self):
-        """One Adam (or AdamW) update of every parameter with ``requires_grad``."""
-        trainable = list(self._trainable())
-        if not trainable:
-            return
-        lists = ([p.data for _, p in trainable], [p.grad for _, p in trainable],
-                 [self._zeros(i, "exp_avg") for i, _ in trainable],
-                 [self._zeros(i, "exp_avg_sq") for i, _ in trainable])
-        table = None
-        if get_array_module(self._hyper) is not np:       # the kernel's table of addresses
-            if self._table is None or not self._table.matches(*lists):
-                self._table = fused.TensorTable(*lists)
-            table = self._table
-        fused.adam_multi_tensor(*lists, self._hyper, table)
+        """One Adam (or AdamW) update of every parameter with ``requires_grad``, in place."""
+        lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
+        t = self.step_count
+        for i, p in self._trainable():
+            m, v = self._zeros(i, "exp_avg"), self._zeros(i, "exp_avg_sq")
+            sqrt = get_array_module(v).sqrt
+            if self._decoupled:
+                p.data *= 1 - lr * wd
+            g = p.grad + wd * p.data if wd and not self._decoupled else p.grad
+            m += (1 - beta1) * (g - m)
+            v[...] = beta2 * v + (1 - beta2) * (g * g)
+            p.data -= lr / (1 - beta1**t) * (m / (sqrt(v) / math.sqrt(1 - beta2**t) + eps))
 
 
 class AdamW(Adam):
@@ -297,12 +268,6 @@ class AdamW(Adam):
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def _sub_scaled(y, a, x, tmp):
-    """y -= a*x in place, through scratch array ``tmp`` (which may be ``x`` itself)."""
-    get_array_module(y).multiply(x, a, out=tmp)
-    y -= tmp
-
 
 def _param_list(owner, params):
     """``params`` as a list of distinct Parameters; raises naming what came instead."""
@@ -340,9 +305,9 @@ def _check_state_head(obj, kind, state, counter):
     missing = [k for k in ("type", "hyper", counter) if k not in state]
     if missing:
         raise ValueError(f"{owner}: state is missing the entries {missing}")
-    if state["type"] != type(obj).__name__:
-        raise ValueError(f"{owner}: state is from a {state['type']} {kind}, "
-                         f"expected {type(obj).__name__}")
+    expected = obj.state_type if isinstance(obj, Optimizer) else type(obj).__name__
+    if state["type"] != expected:
+        raise ValueError(f"{owner}: state is from a {state['type']} {kind}, expected {expected}")
     n = state[counter]
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
         raise ValueError(f"{owner}: {counter} must be an integer >= 0, got {n!r}")

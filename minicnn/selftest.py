@@ -224,8 +224,8 @@ def _kernel_im2col(where, r, dtype, i, cmp):
     OH, OW = g.out
     blocks = (2 if OH % 2 == 0 else 1, 2 if OW % 2 == 0 else 1)   # rows in window order
     cmp(f"{g} blocks {blocks}",
-        ops.im2col_kernel(where.put(x), *g.args, blocks=blocks, launch=where.launch),
-        ops.im2col(x, *g.args, blocks=blocks), _same(dtype))
+        fused.windows.im2col_kernel(where.put(x), *g.args, blocks=blocks, launch=where.launch),
+        fused.windows.im2col(x, *g.args, blocks=blocks), _same(dtype))
 
 
 def _kernel_col2im(where, r, dtype, i, cmp):
@@ -247,15 +247,15 @@ def _kernel_maxpool2d_forward(where, r, dtype, i, cmp):
     x = distinct(r, g.x_shape, dtype)
     for relu, layout in ((False, "NCHW"), (True, "channels-last")):
         dev_x = where.put(x) if layout == "NCHW" else _channels_last(where, x)
-        y, argmax = ops.maxpool2d_kernel(dev_x, *g.args, relu, launch=where.launch)
-        want_y, want_argmax = ops.maxpool2d(x, *g.args, relu)
+        y, argmax = fused.windows.maxpool2d_kernel(dev_x, *g.args, relu, launch=where.launch)
+        want_y, want_argmax = fused.windows.maxpool2d(x, *g.args, relu)
         cmp(f"{g} relu={relu} {layout} y", y, want_y, _same(dtype))
         cmp(f"{g} relu={relu} {layout} argmax", argmax, want_argmax.astype(np.int32), 0.0)
 
 
 def _kernel_maxpool2d_backward(where, r, dtype, i, cmp):
     g = windows(400 + i, 1, pool=True)[0]
-    _, argmax = ops.maxpool2d(distinct(r, g.x_shape, dtype), *g.args, relu=bool(i % 2))
+    _, argmax = fused.windows.maxpool2d(distinct(r, g.x_shape, dtype), *g.args, relu=bool(i % 2))
     dy = normal(r, argmax.shape, dtype)
     got = ops.maxpool2d_backward_kernel(where.put(dy), where.put(argmax.astype(np.int32)),
                                         g.x_shape, *g.args, launch=where.launch)
@@ -287,19 +287,21 @@ def _blocks_shape(r):
 def _kernel_maxpool_blocks_forward(where, r, dtype, i, cmp):
     x = distinct(r, _blocks_shape(r), dtype)
     for relu in (False, True):
-        y, argmax = ops.maxpool_blocks_kernel(where.put(x), relu, launch=where.launch)
-        want_y, want_argmax = ops.maxpool_blocks(x, relu)
+        y, argmax = fused.windows.maxpool_blocks_kernel(where.put(x), relu, launch=where.launch)
+        want_y, want_argmax = fused.windows.maxpool_blocks(x, relu)
         cmp(f"{x.shape} relu={relu} y", y, want_y, _same(dtype))
         cmp(f"{x.shape} relu={relu} argmax", argmax, want_argmax.astype(np.int32), 0.0)
 
 
 def _kernel_maxpool_blocks_backward(where, r, dtype, i, cmp):
     x = distinct(r, _blocks_shape(r), dtype)
-    _, argmax = ops.maxpool_blocks(x, relu=bool(i % 2))
+    _, argmax = fused.windows.maxpool_blocks(x, relu=bool(i % 2))
     dy = normal(r, argmax.shape, dtype)
-    got = ops.maxpool_blocks_backward_kernel(where.put(dy), where.put(argmax.astype(np.int32)),
-                                             x.shape[0], launch=where.launch)
-    cmp(f"{x.shape}", got, ops.maxpool_blocks_backward(dy, argmax, x.shape[0]), _same(dtype))
+    got = fused.windows.maxpool_blocks_backward_kernel(where.put(dy),
+                                                 where.put(argmax.astype(np.int32)), x.shape[0],
+                                                 launch=where.launch)
+    cmp(f"{x.shape}", got, fused.windows.maxpool_blocks_backward(dy, argmax, x.shape[0]),
+        _same(dtype))
 
 
 def _rows(r):
@@ -335,16 +337,25 @@ def _kernel_softmax_cross_entropy(where, r, dtype, i, cmp):
 
 
 def _kernel_adam_multi_tensor(where, r, dtype, i, cmp):
+    from .module import Parameter
+    from .optim import Adam, AdamW
     shapes = [tuple(int(v) for v in r.integers(0, 9, size=int(r.integers(1, 4))))
               for _ in range(int(r.integers(1, 6)))]
     host = [[normal(r, s, dtype) for s in shapes] for _ in range(4)]
     host[3] = [np.abs(v) for v in host[3]]                  # exp_avg_sq >= 0
     dev = [[where.put(a) for a in arrays] for arrays in host]
     decoupled, wd = bool(i % 2), 0.05 * (i % 3)
+    params = [Parameter(a) for a in host[0]]                # the reference: optim.Adam, in place
+    reference = (AdamW if decoupled else Adam)(params, weight_decay=wd)
+    for j, p in enumerate(params):
+        p.grad[...] = host[1][j]
+        reference.state[j] = {"exp_avg": host[2][j], "exp_avg_sq": host[3][j]}
     for step, lr in enumerate((1e-2, 3e-3), start=1):      # a second step with a new lr
-        hyper = fused.adam_hyper(lr, (0.9, 0.999), 1e-8, wd, step, decoupled, np, dtype)
-        fused.adam_multi_tensor(*host, hyper)
-        fused.adam_multi_tensor_kernel(*dev, where.put(hyper), launch=where.launch)
+        reference.lr = lr
+        reference.step()
+        constants = fused.AdamConstants.at_step(lr, (0.9, 0.999), 1e-8, wd, step, decoupled)
+        hyper = fused.adam_hyper(constants, np, dtype)
+        fused.adam_multi_tensor(*dev, where.put(hyper), launch=where.launch)
     for k, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):   # grads stay as given
         for j, (got, want) in enumerate(zip(dev[k], host[k])):
             cmp(f"{'AdamW' if decoupled else 'Adam'} wd={wd:g} {name}[{j}] {want.shape}", got,
@@ -416,11 +427,13 @@ def _layers():
     from .module import Sequential
 
     def small_network():
-        # convolutions handed their ReLU and max pool (Sequential's plan), as in mnist_cnn
         return Sequential(layers.Conv2d(1, 2, 3), layers.ReLU(), layers.MaxPool2d(2),
                           layers.Conv2d(2, 3, 3), layers.ReLU(), layers.MaxPool2d(2),
                           layers.Flatten(), layers.Linear(3, 4), layers.ReLU(),
                           layers.Linear(4, 3))
+
+    def fused_conv(relu, pool):
+        return lambda: fused.FusedConv2d(layers.Conv2d(3, 4, 3), relu, pool)
     return [
         ("Conv2d(3, 4, 3)", lambda: layers.Conv2d(3, 4, 3), (2, 3, 7, 6), F32_SUMS),
         ("Conv2d(2, 3, (2, 3), stride=2, padding=1)",
@@ -439,6 +452,22 @@ def _layers():
         ("BatchNorm2d(3)", lambda: normalization.BatchNorm2d(3), (4, 3, 4, 4), F32_SUMS),
         ("BatchNorm1d(6)", lambda: normalization.BatchNorm1d(6), (5, 6), F32_SUMS),
         ("conv-relu-pool x2, linear x2", small_network, (2, 1, 12, 12), F32_SUMS),
+        # the fused modules, and the network above fused (minicnn.fuse): as in mnist_cnn, the
+        # convolutions apply their ReLU and max pool
+        ("FusedConv2d(Conv2d(3, 4, 3), relu=True, pool=MaxPool2d(2))",
+         fused_conv(True, layers.MaxPool2d(2)), (2, 3, 9, 8), F32_SUMS),
+        ("FusedConv2d(Conv2d(3, 4, 3), relu=True, pool=AvgPool2d(2))",
+         fused_conv(True, layers.AvgPool2d(2)), (2, 3, 8, 9), F32_SUMS),
+        ("FusedConv2d(Conv2d(3, 4, 3), pool=FusedMaxPool2d(MaxPool2d(3, 2, 1), relu=True))",
+         fused_conv(False, fused.FusedMaxPool2d(layers.MaxPool2d(3, 2, 1), relu=True)),
+         (1, 3, 9, 9), F32_SUMS),
+        ("FusedLinear(Linear(12, 5), relu=True)",
+         lambda: fused.FusedLinear(layers.Linear(12, 5), relu=True), (4, 12), F32_SUMS),
+        ("FusedMaxPool2d(MaxPool2d(3, 2, 1), relu=True)",
+         lambda: fused.FusedMaxPool2d(layers.MaxPool2d(3, 2, 1), relu=True), (2, 2, 7, 7),
+         F32_SAME),
+        ("fuse(conv-relu-pool x2, linear x2)", lambda: fused.fuse(small_network()),
+         (2, 1, 12, 12), F32_SUMS),
     ]
 
 
@@ -496,16 +525,17 @@ def layer_parity(make, shape, dtype, tol32):
 
 # --- training ------------------------------------------------------------------------------------
 
-def train_steps(device, dtype, steps):
+def train_steps(device, dtype, steps, fast=False):
     """Parameters (NumPy) of ``mnist_cnn`` after ``steps`` Adam steps on the bundled MNIST
-    sample, batch 32, shuffled by seed 3: the same batches on every device."""
+    sample, batch 32, shuffled by seed 3: the same batches on every device. ``fast``: the fused
+    network (``minicnn.fuse``), ``FusedAdam`` and the fused loss."""
     from . import Adam, CrossEntropyLoss, DataLoader, mnist_sample
     from .models import mnist_cnn
     with default_dtype(dtype):
         seed(3)
-        model = mnist_cnn().to(device)
-        opt = Adam(model.parameters(), lr=1e-3)
-        loss_fn = CrossEntropyLoss()
+        model = (fused.fuse(mnist_cnn()) if fast else mnist_cnn()).to(device)
+        opt = (fused.FusedAdam if fast else Adam)(model.parameters(), lr=1e-3)
+        loss_fn = fused.CrossEntropyLoss() if fast else CrossEntropyLoss()
         loader = DataLoader(mnist_sample(train=True), batch_size=32, shuffle=True, device=device)
         for _, (x, y) in zip(range(steps), loader):
             loss_fn(model(x), y)
@@ -519,40 +549,49 @@ def _steps(env):
     return 5 if env.quick else 20
 
 
-def training_parity(dtype):
+def _network(fast):
+    return "fused mnist_cnn, FusedAdam" if fast else "mnist_cnn, Adam"
+
+
+def training_parity(dtype, fast):
     def run(env):
         tol = TRAIN_F64 if dtype == np.float64 else TRAIN_F32
         cmp = Compare()
-        gpu, cpu = train_steps("cuda", dtype, _steps(env)), train_steps("cpu", dtype, _steps(env))
+        gpu = train_steps("cuda", dtype, _steps(env), fast)
+        cpu = train_steps("cpu", dtype, _steps(env), fast)
         for j, (g, c) in enumerate(zip(gpu, cpu)):
             cmp(f"parameter {j} {c.shape}", g, c, tol)
-        return cmp.outcome(f"{_steps(env)} steps of mnist_cnn, Adam, batch 32")
+        return cmp.outcome(f"{_steps(env)} steps of {_network(fast)}, batch 32")
     return run
 
 
 def two_runs_identical(device):
     def run(env):
         cmp = Compare()
-        first, second = (train_steps(device, np.float32, _steps(env)) for _ in range(2))
+        first, second = (train_steps(device, np.float32, _steps(env), fast)
+                         for fast in (True, True))
         for j, (a, b) in enumerate(zip(first, second)):
             cmp(f"parameter {j} {a.shape}", a, b, 0.0)
-        return cmp.outcome(f"{_steps(env)} steps of mnist_cnn, float32, twice on the {device}")
+        return cmp.outcome(f"{_steps(env)} steps of {_network(True)}, float32, twice on the "
+                           f"{device}")
     return run
 
 
 def fit_on_gpu(env, cuda_graph, kernel_products):
     """(parameters, [(train_loss, train_accuracy) per epoch]) of ``fit`` on the GPU: 1,000 bundled
     images at batch 128 (7 full batches, then one of 104 that runs eagerly), a one-cycle learning
-    rate changed every step; memoised per arguments."""
+    rate changed every step; the fused network (``minicnn.fuse``) and loss; memoised per
+    arguments."""
     key = ("fit", cuda_graph, kernel_products)
     if key not in env.memo:
-        from . import Adam, CrossEntropyLoss, DataLoader, OneCycleLR, fit, mnist_sample
+        from . import DataLoader, OneCycleLR, fit, mnist_sample
+        from .fused import CrossEntropyLoss, FusedAdam
         from .models import mnist_cnn
         epochs = 1 if env.quick else 2
         with default_dtype(np.float32):
             seed(5)
-            model = mnist_cnn().to("cuda")
-            opt = Adam(model.parameters(), lr=1e-3)
+            model = fused.fuse(mnist_cnn()).to("cuda")
+            opt = FusedAdam(model.parameters(), lr=1e-3)
             loader = DataLoader(mnist_sample(train=False), batch_size=128, shuffle=True,
                                 device="cuda")
             sched = OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * len(loader))
@@ -596,14 +635,16 @@ def check_kernel_products_against_cublas(env):
 TIMING_BATCH = 128
 
 
-def _minicnn_step(x, y, graph):
+def _minicnn_step(x, y, graph, fast=True):
     """One training step of mnist_cnn on the GPU batch (x, y); with ``graph``, recorded once as a
-    CUDA graph and replayed (the step of ``fit(cuda_graph=True)``)."""
+    CUDA graph and replayed (the step of ``fit(cuda_graph=True)``). ``fast``: the fused network
+    (``minicnn.fuse``), FusedAdam and the fused loss; else the plain ones."""
     from . import Adam, CrossEntropyLoss
     from .fused.graph import GraphStep
     from .models import mnist_cnn
-    model, loss_fn = mnist_cnn().to("cuda"), CrossEntropyLoss()
-    opt = Adam(model.parameters(), lr=1e-3)
+    model = (fused.fuse(mnist_cnn()) if fast else mnist_cnn()).to("cuda")
+    loss_fn = fused.CrossEntropyLoss() if fast else CrossEntropyLoss()
+    opt = (fused.FusedAdam if fast else Adam)(model.parameters(), lr=1e-3)
 
     def body(xs, ys):
         loss_fn(model(xs), ys)
@@ -660,8 +701,9 @@ class Contender:
 
 
 def timing(env):
-    """images/s of training steps at batch 128: minicnn eager (cuBLAS products), eager with
-    kernel products, the CUDA graph (kernel products), PyTorch fp32. Each figure is the median
+    """images/s of training steps at batch 128: the plain minicnn network eager (cuBLAS
+    products); the fused one (``minicnn.fuse``) eager, eager with kernel products, and as a CUDA
+    graph (kernel products); PyTorch fp32. Each figure is the median
     over repeats of the rate of a run of steps; the contenders take turns in every repeat so that
     a slow spell of the machine hits them all. The device is synchronised before each clock read."""
     import cupy
@@ -672,11 +714,14 @@ def timing(env):
     gx, gy = cupy.asarray(x), cupy.asarray(y)
     waits = [cupy.cuda.Device().synchronize]        # every stream of the device, not just one
     contenders = [
-        Contender("minicnn eager, cuBLAS products", lambda: _minicnn_step(gx, gy, False)),
-        Contender("minicnn eager, kernel products", lambda: _minicnn_step(gx, gy, False),
+        Contender("minicnn plain eager, cuBLAS products",
+                  lambda: _minicnn_step(gx, gy, False, fast=False)),
+        Contender("minicnn fused eager, cuBLAS products", lambda: _minicnn_step(gx, gy, False)),
+        Contender("minicnn fused eager, kernel products", lambda: _minicnn_step(gx, gy, False),
                   ops.products_by_kernel),
         # GraphStep itself computes the products of the step it records with the GEMM kernel
-        Contender("minicnn CUDA graph, kernel products", lambda: _minicnn_step(gx, gy, True)),
+        Contender("minicnn fused CUDA graph, kernel products",
+                  lambda: _minicnn_step(gx, gy, True)),
     ]
     torch_reason = torch_unusable_reason()
     if torch_reason is None:
@@ -757,9 +802,10 @@ def checks():
         for dtype, dlabel in dtypes:
             table.append(Check(f"layer {label} CPU vs GPU {dlabel}", "layers CPU vs GPU",
                                layer_parity(make, shape, dtype, tol32), "gpu"))
-    for dtype, label in dtypes:
-        table.append(Check(f"training steps CPU vs GPU {label}", "training",
-                           training_parity(dtype), "gpu"))
+    for fast in (False, True):
+        for dtype, label in dtypes:
+            table.append(Check(f"training steps CPU vs GPU {label}" + (", fused" if fast else ""),
+                               "training", training_parity(dtype, fast), "gpu"))
     table += [
         Check("two GPU runs bit-identical", "training", two_runs_identical("cuda"), "gpu"),
         Check("CUDA graph step vs eager step", "CUDA graph", check_graph_against_eager, "gpu"),

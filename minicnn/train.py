@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .amp import GradScaler, autocast
-from .backend import get_array_module, to_numpy
+from .backend import get_array_module, to_numpy, tune_process
 
 
 class History:
@@ -80,9 +80,9 @@ def _check_graphable(model, optimizer, scaler):
         where = params[0].device if params else "a model without parameters"
         raise ValueError(f"fit: cuda_graph=True needs the model on a CUDA device, got {where}")
     if not optimizer.capturable:
-        raise ValueError(f"fit: cuda_graph=True needs an optimizer that reads its step count and "
-                         f"learning rate from device memory (Adam, AdamW), got "
-                         f"{type(optimizer).__name__}")
+        raise ValueError(f"fit: cuda_graph=True needs a capturable optimizer, one that reads its "
+                         f"step count and learning rate from device memory: "
+                         f"minicnn.fused.FusedAdam or FusedAdamW, got {type(optimizer).__name__}")
     if scaler is not None:
         raise ValueError("fit: cuda_graph=True cannot record mixed precision: GradScaler decides "
                          "on the host whether to skip each step")
@@ -119,7 +119,9 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         on_epoch_end=None, precision="fp32", scaler=None, cuda_graph=False):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
-    Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step.
+    Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step. ``model``
+    is trained as given: a plain model runs its plain layers; ``minicnn.fuse(model)`` is the
+    caller's to ask for.
     ``scheduler.step()`` runs after every epoch, or after every batch with
     ``scheduler_interval="batch"`` (as OneCycleLR wants). A progress bar per epoch shows loss,
     accuracy and images/s, refreshed every ``log_every`` steps. With ``val_loader`` each epoch
@@ -137,15 +139,18 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     skip reads one flag from the device per step (as PyTorch's GradScaler does). A ``scaler``
     given with ``precision="fp32"`` scales the same way around float32 products.
 
-    ``cuda_graph=True`` (model on a GPU, fp32, an optimizer whose update reads its changing
-    values from device memory: ``Adam``/``AdamW``, no ``Dropout``) records the training step as a
-    CUDA graph after a few eager steps and replays it for every batch of the same shape
-    (``minicnn.fused.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
+    ``cuda_graph=True`` (model on a GPU, fp32, a capturable optimizer, one whose update reads its
+    changing values from device memory: ``minicnn.fused.FusedAdam``/``FusedAdamW``, no
+    ``Dropout``) records the training step as a CUDA graph after a few eager steps and replays it
+    for every batch of the same shape (``minicnn.fused.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
     cannot capture cuBLAS): the updates of an eager run inside ``ops.products_by_kernel()``.
 
     No step reads a value back from the device: the running loss and accuracy are summed there
     and read every ``log_every`` steps and at the end of the epoch, which is also when a
     deferred check of the targets (``CrossEntropyLoss.check``) raises.
+
+    Calls ``minicnn.tune_process()`` before the first step, which sets glibc's allocator for the
+    whole process (not minicnn alone); MINICNN_TUNE_PROCESS=0 makes that call change nothing.
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
@@ -165,6 +170,7 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         return autocast() if precision == "fp16" else contextlib.nullcontext()
 
     _check_finite(train_loader)
+    tune_process()
     history = History()
     meter = None
 

@@ -27,6 +27,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from .errors import WeightsError
 from .module import Module
 
 __all__ = ["WeightsError", "IncompatibleKeys", "load_torch_weights", "read_weights"]
@@ -50,10 +51,6 @@ IncompatibleKeys.__doc__ = ("What ``load_torch_weights(strict=False)`` left out:
 _PICKLE_HINT = ("{path!r} looks like a PyTorch pickle (torch.save), which is not read "
                 "(unpickling can run code); save the state_dict as .safetensors "
                 "(safetensors.torch.save_file(model.state_dict(), path)) or as .npz")
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read, or that does not fit the model; names the file."""
 
 
 def read_weights(path):

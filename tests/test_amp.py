@@ -15,6 +15,7 @@ import pytest
 import minicnn
 from minicnn import Conv2d, Linear, amp, ops
 from minicnn.amp import GradScaler, autocast
+from minicnn.fused import FusedConv2d, FusedLinear, windows
 from minicnn.backend import cuda_unavailable_reason
 from minicnn.data import DataLoader, mnist_sample
 from minicnn.models import mnist_cnn
@@ -128,15 +129,17 @@ def test_matmul_rounds_operands_and_sums_in_float32():
     assert np.isinf(amp.matmul(big, np.ones((2, 1), np.float32))).all()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["Conv2d", "FusedConv2d"])
 @pytest.mark.parametrize("cin, cout, k, s, p, shape", CONVS)
-def test_conv_under_autocast_is_the_fp16_operand_product(cin, cout, k, s, p, shape):
+def test_conv_under_autocast_is_the_fp16_operand_product(cin, cout, k, s, p, shape, fused):
     rng = np.random.default_rng(1)
     conv = Conv2d(cin, cout, k, stride=s, padding=p)
+    layer = FusedConv2d(conv) if fused else conv
     x = rng.standard_normal(shape).astype(np.float32)
     with autocast():
-        y = conv(x)
+        y = layer(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dx = conv.backward(dy)                        # outside the block: follows the forward
+    dx = layer.backward(dy)                       # outside the block: follows the forward
     y_ref, dx_ref, dw_ref, db_ref = conv_reference(conv, x, dy)
     assert y.dtype == dx.dtype == conv.weight.grad.dtype == np.float32
     assert y.shape == y_ref.shape and dx.shape == x.shape
@@ -149,14 +152,16 @@ def test_conv_under_autocast_is_the_fp16_operand_product(cin, cout, k, s, p, sha
     assert rel_err(plain(x), y_ref) > 1e-5
 
 
-def test_linear_under_autocast_is_the_fp16_operand_product():
+@pytest.mark.parametrize("fused", [False, True], ids=["Linear", "FusedLinear"])
+def test_linear_under_autocast_is_the_fp16_operand_product(fused):
     rng = np.random.default_rng(2)
     lin = Linear(40, 7)
+    layer = FusedLinear(lin) if fused else lin
     x = rng.standard_normal((6, 40)).astype(np.float32)
     dy = rng.standard_normal((6, 7)).astype(np.float32)
     with autocast():
-        y = lin(x)
-        dx = lin.backward(dy)
+        y = layer(x)
+        dx = layer.backward(dy)
     w = r16(lin.weight.data)
     assert y.dtype == dx.dtype == np.float32
     assert rel_err(y, r16(x) @ w.T + lin.bias.data) < 1e-6
@@ -179,44 +184,54 @@ def test_gradients_accumulate_in_float32_across_precisions():
     assert rel_err(lin.weight.grad, fp32 + r16(dy).T @ r16(x)) < 1e-6
 
 
-def _plain_conv(conv, x, dy):
-    """What Conv2d computed before autocast existed, step for step."""
+def _plain_conv(conv, x, dy, fused=False):
+    """What Conv2d computes without autocast, step for step; ``fused``: what a FusedConv2d of it
+    (no ReLU, no pool) computes, its fast im2col, weight and bias gradients and
+    ``col2im_matmul``."""
     kh, kw = conv.kernel_size
-    wm = conv.weight.data.transpose(0, 2, 3, 1).reshape(conv.out_channels, -1)
-    cols = ops.im2col(x, kh, kw, conv.stride, conv.padding)
+    O, C = conv.out_channels, conv.in_channels
+    wm = conv.weight.data.transpose(0, 2, 3, 1).reshape(O, -1)
+    cols = (windows.im2col if fused else ops.im2col)(x, kh, kw, conv.stride, conv.padding)
     y = cols @ wm.T
     y += conv.bias.data
     B, _, OH, OW = dy.shape
-    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, conv.out_channels)
-    dw = (cols.T @ dy2).reshape(kh, kw, conv.in_channels, conv.out_channels).transpose(3, 2, 0, 1)
-    db = np.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2
-    dx = ops.col2im_matmul(dy2, wm, x.shape, kh, kw, conv.stride, conv.padding)
+    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, O)
+    if fused:
+        dw = (cols.T @ dy2).reshape(kh, kw, C, O).transpose(3, 2, 0, 1)
+        db = np.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2
+        dx = windows.col2im_matmul(dy2, wm, x.shape, kh, kw, conv.stride, conv.padding)
+    else:
+        dw = (dy2.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)
+        db = dy2.sum(axis=0)
+        dx = ops.col2im(dy2 @ wm, x.shape, kh, kw, conv.stride, conv.padding)
     return y.reshape(B, OH, OW, -1).transpose(0, 3, 1, 2), dx, dw, db
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["Conv2d", "FusedConv2d"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cin, cout, k, s, p, shape", CONVS[:2])
-def test_outside_autocast_nothing_changes(cin, cout, k, s, p, shape, dtype):
-    """Bit-identical to the pre-autocast code; float64 layers ignore autocast entirely."""
+def test_outside_autocast_nothing_changes(cin, cout, k, s, p, shape, dtype, fused):
+    """Bit-identical to the arithmetic without autocast; float64 layers ignore autocast."""
     minicnn.set_default_dtype(dtype)
     rng = np.random.default_rng(4)
     conv, lin = Conv2d(cin, cout, k, stride=s, padding=p), Linear(12, 5)
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(conv.output_shape(shape)).astype(dtype)
-    ref = _plain_conv(conv, x, dy)
+    ref = _plain_conv(conv, x, dy, fused)
     xl, dyl = rng.standard_normal((3, 12)).astype(dtype), rng.standard_normal((3, 5)).astype(dtype)
     lin_ref = (xl @ lin.weight.data.T + lin.bias.data, dyl @ lin.weight.data, dyl.T @ xl)
+    layer, lin_layer = (FusedConv2d(conv), FusedLinear(lin)) if fused else (conv, lin)
     blocks = [autocast(enabled=False)] + ([autocast()] if dtype == np.float64 else [])
     for run in [None] + blocks:
         conv.zero_grad()
         lin.zero_grad()
         if run is None:
-            got = conv(x), conv.backward(dy)
-            got_lin = lin(xl), lin.backward(dyl)
+            got = layer(x), layer.backward(dy)
+            got_lin = lin_layer(xl), lin_layer.backward(dyl)
         else:
             with run:
-                got = conv(x), conv.backward(dy)
-                got_lin = lin(xl), lin.backward(dyl)
+                got = layer(x), layer.backward(dy)
+                got_lin = lin_layer(xl), lin_layer.backward(dyl)
         for a, b in zip(got + (conv.weight.grad, conv.bias.grad), ref):
             assert a.dtype == dtype
             np.testing.assert_array_equal(a, b)
@@ -237,9 +252,12 @@ def test_forward_outside_backward_inside_stays_float32():
     np.testing.assert_array_equal(conv.weight.grad, ref[2])
 
 
-def test_model_forward_under_autocast_stays_float32_and_close():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_model_forward_under_autocast_stays_float32_and_close(fused):
     rng = np.random.default_rng(6)
     model = mnist_cnn().eval()
+    if fused:
+        model = minicnn.fuse(model)
     x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
     y32 = model(x)
     with autocast():
@@ -554,6 +572,8 @@ def test_fit_uses_a_given_scaler_and_checks_precision():
     (lambda: Conv2d(3, 8, 3, padding=1), (2, 3, 9, 9)),
     (lambda: Conv2d(4, 6, (2, 3), stride=2, padding=1), (3, 4, 8, 7)),
     (lambda: Linear(40, 7), (6, 40)),
+    (lambda: FusedConv2d(Conv2d(3, 8, 3), relu=True, pool=minicnn.MaxPool2d(2)), (2, 3, 10, 9)),
+    (lambda: FusedLinear(Linear(40, 7), relu=True), (6, 40)),
 ])
 @pytest.mark.gpu
 @pytest.mark.skipif(CUDA_REASON is not None, reason=f"no usable GPU: {CUDA_REASON}")

@@ -4,7 +4,8 @@ The stand-in refuses, inside a recording, what CUDA or CuPy would refuse or a re
 repeat: products through CuPy's cuBLAS wrapper, reads back to the host, copies from the host,
 allocations the graph does not keep, state first made by the recorded step. First the stand-in
 itself is shown strict, then the real step (``fit(cuda_graph=True)``, ``GraphStep`` and
-``CudaRecorder``) is recorded under it, with every kernel run by the emulator.
+``CudaRecorder``) is recorded under it, with every kernel run by the emulator: of the plain
+example network with the plain loss, and of the fused one (``minicnn.fuse``) with the fused loss.
 """
 import contextlib
 
@@ -13,7 +14,7 @@ import pytest
 
 import minicnn
 from minicnn import ops
-from minicnn.fused import graph
+from minicnn.fused import FusedAdam, graph
 from minicnn.data import ArrayDataset, DataLoader
 from minicnn.models import mnist_cnn
 from minicnn.testing import emulator
@@ -113,27 +114,39 @@ def test_device_and_host_arrays_do_not_mix(cupy):
 
 # --- the training step records -------------------------------------------------------------------
 
-def _fit(cuda_graph, make_model=mnist_cnn, n=40, batch=8, steps_by_kernel=True):
+def _fused_example():
+    return minicnn.fuse(mnist_cnn())
+
+
+NETWORKS = {"plain": (mnist_cnn, minicnn.CrossEntropyLoss),
+            "fused": (_fused_example, minicnn.fused.CrossEntropyLoss)}
+
+
+def _fit(cuda_graph, make_model=mnist_cnn, n=40, batch=8, steps_by_kernel=True,
+         make_loss=minicnn.CrossEntropyLoss):
     """One epoch at ``batch`` over ``n`` random images, float64, on the fake GPU."""
     minicnn.set_default_dtype(np.float64)
     minicnn.seed(0)
     model = make_model().to("cuda")
-    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    opt = FusedAdam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.standard_normal((n, 1, 28, 28)), rng.integers(0, 10, n))
     loader = DataLoader(data, batch_size=batch, device="cuda")
     products = ops.products_by_kernel() if steps_by_kernel else contextlib.nullcontext()
     with products:
-        history = minicnn.fit(model, minicnn.CrossEntropyLoss(), opt, loader, epochs=1,
+        history = minicnn.fit(model, make_loss(), opt, loader, epochs=1,
                               progress=False, verbose=False, cuda_graph=cuda_graph)
     return [minicnn.to_numpy(p.data) for p in model.parameters()], history
 
 
-def test_the_example_network_records_and_trains_like_the_eager_step(cupy):
+@pytest.mark.parametrize("network", NETWORKS)
+def test_the_example_network_records_and_trains_like_the_eager_step(cupy, network):
     """Five batches of 8 and one of 4: three warm-up steps, the fourth recorded and launched, the
     fifth a replay, the last (another shape) eager. Recorded and replayed under the capture
     rules, the step gives the eager run's parameters (same products) to the last bit."""
-    (eager, eager_hist), (graphed, graph_hist) = _fit(False, n=44), _fit(True, n=44)
+    make_model, make_loss = NETWORKS[network]
+    (eager, eager_hist), (graphed, graph_hist) = (
+        _fit(cuda_graph, make_model, n=44, make_loss=make_loss) for cuda_graph in (False, True))
     for a, b in zip(eager, graphed):
         np.testing.assert_array_equal(a, b)
     assert eager_hist.epochs[0]["train_loss"] == graph_hist.epochs[0]["train_loss"]
@@ -152,10 +165,13 @@ def _batchnorm_net():
                       Flatten(), Linear(4 * 13 * 13, 10))
 
 
-def test_batchnorm_with_a_cumulative_average_records(cupy):
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
+def test_batchnorm_with_a_cumulative_average_records(cupy, fuse):
     """momentum=None: the factor 1/num_batches_tracked is computed on the device, not read back,
     so the step records, and every replay uses the new count."""
-    (eager, _), (graphed, _) = _fit(False, _batchnorm_net), _fit(True, _batchnorm_net)
+    def make():
+        return minicnn.fuse(_batchnorm_net()) if fuse else _batchnorm_net()
+    (eager, _), (graphed, _) = _fit(False, make), _fit(True, make)
     for a, b in zip(eager, graphed):
         np.testing.assert_array_equal(a, b)
 

@@ -2,20 +2,18 @@
 
 1. Each NumPy path (the reference) against a float64 ground truth written as plain loops:
    bias_relu and relu_backward bit for bit (relu_backward's split over threads too);
-   softmax_cross_entropy within 32 eps (see ``tolerance``); adam_multi_tensor bit for bit
-   against ``optim.Adam``/``AdamW`` stepping real Parameters (float32 and float64) and within
-   1e-12 of textbook Adam.
+   softmax_cross_entropy within 32 eps (see ``tolerance``).
 2. Each kernel through ``emulator.launch`` and ``emulator.launch_reversed``, float32 and
-   float64, against the NumPy path: bit for bit for bias_relu, relu_backward (a channels-last
-   view included) and Adam (3 steps of 6 tensors of 0 to 120 elements, Adam and AdamW, weight
-   decay 0 and 0.05, a learning rate changed in place between steps); softmax_cross_entropy
+   float64, against the NumPy path: bit for bit for bias_relu and relu_backward (a channels-last
+   view included); softmax_cross_entropy
    within ``tolerance`` (exp and log differ by an ulp between libm and NumPy), its int outputs
    exactly. Shapes include rows = 1, channels = 1, K = 1, odd sizes; label smoothing 0 and 0.1;
    targets -1 and K setting the invalid flag; NaN through bias_relu and softmax; ties in argmax.
 3. Every kernel with the grid capped at 2 blocks (grid-stride loops run several rounds).
 4. The launcher's new argument types (scalar_t values, unsigned long long pointers) and the
    emulator's guard zone for uint64 arrays; input validation; dispatch to the kernel path.
-Inputs are random with fixed seeds and never zero (a ReLU output's zeros aside).
+Inputs are random with fixed seeds and never zero (a ReLU output's zeros aside). Adam's kernel,
+``adam_multi_tensor``, is tested against ``optim.Adam`` in tests/test_fused_adam.py.
 """
 import math
 import re
@@ -24,11 +22,9 @@ import numpy as np
 import pytest
 
 import minicnn.cuda
-from minicnn import fused, optim
-from minicnn.module import Parameter, ShapeError
+from minicnn import fused
+from minicnn.module import ShapeError
 from minicnn.testing import emulator
-
-from conftest import adam_step_float64
 
 DTYPES = [np.float32, np.float64]
 LAUNCHES = {"in order": emulator.launch, "reversed": emulator.launch_reversed}
@@ -179,8 +175,8 @@ def test_relu_backward_reference_is_the_truth(shape):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 def test_relu_backward_reference_split_over_threads(channels_last):
-    """576,000 elements: the batch is split between threads (ops.over_batch); same bits as one
-    np.multiply(dy, y > 0) over the whole."""
+    """576,000 elements: the batch is split between threads (windows.over_batch); same bits as
+    one np.multiply(dy, y > 0) over the whole."""
     dy, y = relu_inputs((9, 64, 40, 25), np.float32, channels_last=channels_last)
     dx = fused.relu_backward(dy, y)
     assert dx.strides == y.strides
@@ -294,114 +290,14 @@ def test_softmax_cross_entropy_ties_nan_and_int32_targets(launch):
     check_softmax(got, want, np.float64, 1 / 4, "softmax_cross_entropy, ties and NaN")
 
 
-# --- adam_multi_tensor --------------------------------------------------------------------------
-
-ADAM_SHAPES = [(1,), (7,), (3, 5), (0,), (2, 3, 4, 5), (33,)]            # 176 elements in all
-ADAM_CASES = [("Adam", 0.0), ("Adam", 0.05), ("AdamW", 0.05), ("AdamW", 0.0)]
-LRS = [1e-2, 3e-3, 2e-2]                                                 # a scheduler's steps
-
-
-def adam_run(kind, wd, dtype, step, shapes=ADAM_SHAPES, seed=5):
-    """Steps ``optim.Adam``/``AdamW`` on Parameters and ``step(p, g, m, v, hyper)`` on copies with
-    the same gradients, len(LRS) times; yields both states after each step."""
-    rng = np.random.default_rng(seed)
-    params = [Parameter(nonzero_normal(rng, s, dtype)) for s in shapes]
-    opt = getattr(optim, kind)(params, lr=LRS[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    p = [q.data.copy() for q in params]
-    m, v = [np.zeros_like(a) for a in p], [np.zeros_like(a) for a in p]
-    g = [np.empty_like(a) for a in p]
-    hyper = np.zeros(8, dtype)
-    address = hyper.ctypes.data
-    for t, lr in enumerate(LRS, start=1):
-        for q, gq in zip(params, g):
-            q.grad[...] = gq[...] = nonzero_normal(rng, q.shape, dtype)
-        opt.lr = lr
-        opt.step()
-        fused.adam_hyper(lr, (0.9, 0.999), 1e-8, wd, t, kind == "AdamW", np, dtype, out=hyper)
-        assert hyper.ctypes.data == address                  # refreshed in place
-        step(p, g, m, v, hyper)
-        yield ([q.data for q in params], [opt.state[i]["exp_avg"] for i in range(len(params))],
-               [opt.state[i]["exp_avg_sq"] for i in range(len(params))]), (p, m, v)
-
-
-def assert_states_identical(got, want, what):
-    for name, gs, ws in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
-        for j, (a, b) in enumerate(zip(gs, ws)):
-            assert_identical(a, b, f"{what}: {name} of tensor {j}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("kind,wd", ADAM_CASES)
-def test_adam_reference_is_optim_adam(kind, wd, dtype):
-    """Bit for bit, float32 included: the same operations on the same constants."""
-    for t, (want, got) in enumerate(adam_run(kind, wd, dtype, fused.adam_multi_tensor), 1):
-        assert_states_identical(got, want, f"{kind}(weight_decay={wd}) step {t}")
-
-
-@pytest.mark.parametrize("kind,wd", ADAM_CASES)
-def test_adam_reference_is_textbook_adam(kind, wd):
-    """float64, 1e-12 relative: the textbook form rounds differently (mhat, vhat)."""
-    def textbook_then_fused(p, g, m, v, hyper):
-        t = len(seen) + 1
-        seen.append([adam_step_float64(*a, LRS[t - 1], 0.9, 0.999, 1e-8, wd, t, kind == "AdamW")
-                     for a in zip(p, g, m, v)])
-        fused.adam_multi_tensor(p, g, m, v, hyper)
-    seen = []
-    for _, (p, m, v) in adam_run(kind, wd, np.float64, textbook_then_fused):
-        for j, want in enumerate(seen[-1]):
-            for got, w in zip((p[j], m[j], v[j]), want):
-                np.testing.assert_allclose(got, w, rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("kind,wd", ADAM_CASES)
-@emulated
-def test_adam_kernel_is_optim_adam(kind, wd, dtype, launch):
-    """Bit for bit in both dtypes: the kernel's products never fuse into an fma."""
-    def kernel(p, g, m, v, hyper):
-        fused.adam_multi_tensor_kernel(p, g, m, v, hyper, launch=launch)
-    for t, (want, got) in enumerate(adam_run(kind, wd, dtype, kernel), 1):
-        assert_states_identical(got, want, f"kernel {kind}(weight_decay={wd}) step {t}")
-
-
-@emulated
-def test_adam_kernel_reuses_a_table(launch):
-    lists = [[np.full(s, 0.5) for s in [(3,), (4, 2)]] for _ in range(4)]
-    table = fused.TensorTable(*lists)
-    assert table.total == 11 and table.pointers.dtype == np.uint64
-    np.testing.assert_array_equal(table.offsets, [0, 3, 11])
-    hyper = fused.adam_hyper(1e-2, (0.9, 0.99), 1e-8, 0.0, 1, False, np, np.float64)
-    want = [[a.copy() for a in arrays] for arrays in lists]
-    fused.adam_multi_tensor(*want, hyper)
-    fused.adam_multi_tensor_kernel(*lists, hyper, table=table, launch=launch)
-    for got_list, want_list in zip(lists, want):
-        for a, b in zip(got_list, want_list):
-            assert_identical(a, b, "adam with a table")
-    lists[2][1] = lists[2][1].copy()                       # an exp_avg replaced: stale table
-    with pytest.raises(ValueError, match="table was made for other arrays"):
-        fused.adam_multi_tensor_kernel(*lists, hyper, table=table, launch=launch)
-
-
 # --- grid-stride loops: a grid of 2 blocks ------------------------------------------------------
 
 def _capped_runs(launch):
     """kernel name -> (run giving outputs, its NumPy reference, threads' work items: elements,
     or rows for softmax_cross_entropy), each more than 4x the 512 threads of the grid."""
-    rng = np.random.default_rng(6)
     y, bias = bias_relu_inputs((101, 37), np.float64)
     dy, yr = relu_inputs((5, 7, 9, 11), np.float64)
     logits, targets = softmax_inputs((2600, 3), np.float64)
-    lists = [[nonzero_normal(rng, s) for s in [(1,), (1500,), (0,), (7, 91)]] for _ in range(4)]
-    lists[3] = [np.abs(a) for a in lists[3]]              # exp_avg_sq >= 0
-    hyper = fused.adam_hyper(1e-3, (0.9, 0.999), 1e-8, 0.01, 3, True, np, np.float64)
-
-    def adam(arrays, kernel):
-        arrays = [[a.copy() for a in list_] for list_ in arrays]
-        if kernel:
-            fused.adam_multi_tensor_kernel(*arrays, hyper, launch=launch)
-        else:
-            fused.adam_multi_tensor(*arrays, hyper)
-        return [a for list_ in arrays for a in list_]
     return {
         "bias_relu_forward": (lambda: [fused.bias_relu_kernel(y.copy(), bias, launch=launch)],
                               lambda: [fused.bias_relu(y.copy(), bias)], y.size),
@@ -410,13 +306,10 @@ def _capped_runs(launch):
         "softmax_cross_entropy": (
             lambda: fused.softmax_cross_entropy_kernel(logits, targets, 0.1, launch=launch),
             lambda: fused.softmax_cross_entropy(logits, targets, 0.1), logits.shape[0]),
-        "adam_multi_tensor": (lambda: adam(lists, True), lambda: adam(lists, False),
-                              sum(a.size for a in lists[0])),
     }
 
 
-@pytest.mark.parametrize("kernel", ["bias_relu_forward", "relu_backward", "softmax_cross_entropy",
-                                    "adam_multi_tensor"])
+@pytest.mark.parametrize("kernel", ["bias_relu_forward", "relu_backward", "softmax_cross_entropy"])
 @emulated
 def test_grid_stride_loops_cover_everything(kernel, launch, monkeypatch):
     monkeypatch.setattr(minicnn.cuda, "MAX_BLOCKS", 2)
@@ -487,11 +380,7 @@ def test_ops_dispatch_to_the_kernels(launch, monkeypatch):
     fused.bias_relu(y, bias)
     fused.relu_backward(y, y)
     fused.softmax_cross_entropy(y, np.array([0, 1, 3]))
-    lists = [[np.ones(3)] for _ in range(4)]
-    fused.adam_multi_tensor(*lists, fused.adam_hyper(1e-3, (0.9, 0.999), 1e-8, 0, 1, False, np,
-                                                     np.float64))
-    assert calls == ["bias_relu_forward", "relu_backward", "softmax_cross_entropy",
-                     "adam_multi_tensor"]
+    assert calls == ["bias_relu_forward", "relu_backward", "softmax_cross_entropy"]
 
 
 def _no_launch(*args):
@@ -543,44 +432,3 @@ def test_softmax_cross_entropy_validation(kwargs, error, message):
     kind, text = _call_both("softmax_cross_entropy", **kwargs)
     assert kind is error and text.startswith("softmax_cross_entropy: "), text
     assert re.search(message, text), text
-
-
-def _adam_lists(**change):
-    lists = {k: [np.ones(3), np.ones((2, 2))] for k in ("params", "grads", "exp_avgs",
-                                                         "exp_avg_sqs")}
-    lists.update(change)
-    return lists
-
-
-HYPER = fused.adam_hyper(1e-3, (0.9, 0.999), 1e-8, 0.0, 1, False, np, np.float64)
-
-
-@pytest.mark.parametrize("lists, hyper, error, message", [
-    (_adam_lists(grads=[np.ones(3)]), HYPER, ValueError, "four lists of one length"),
-    (_adam_lists(exp_avgs=[np.ones(3), np.ones(4)]), HYPER, ShapeError,
-     r"exp_avgs\[1\] has shape \(4,\), expected that of params\[1\], \(2, 2\)"),
-    (_adam_lists(grads=[np.ones(3), np.ones((2, 2), np.float32)]), HYPER, TypeError,
-     r"grads\[1\] has dtype float32, expected that of hyper, float64"),
-    (_adam_lists(params=[np.ones(3), np.ones((2, 2)).T]), HYPER, ValueError,
-     "must be C-contiguous"),
-    (_adam_lists(exp_avg_sqs=[[1.0, 1.0, 1.0], np.ones((2, 2))]), HYPER, TypeError,
-     "all must be arrays on one device"),
-    (_adam_lists(), HYPER[:7], ValueError, r"hyper, a floating-point array of shape \(8,\)"),
-])
-def test_adam_multi_tensor_validation(lists, hyper, error, message):
-    kind, text = _call_both("adam_multi_tensor", *lists.values(), hyper)
-    assert kind is error and text.startswith("adam_multi_tensor: "), text
-    assert re.search(message, text), text
-
-
-def test_adam_hyper_values_and_checks():
-    h = fused.adam_hyper(1e-2, (0.9, 0.99), 1e-8, 0.1, 2, True, np, np.float32)
-    want = [1 - 0.9, 0.99, 1 - 0.99, 1e-8, 0.0, 1e-2 / (1 - 0.9 ** 2), math.sqrt(1 - 0.99 ** 2),
-            1 - 1e-2 * 0.1]
-    assert h.dtype == np.float32 and h.tolist() == np.array(want, np.float32).tolist()
-    adam = fused.adam_hyper(1e-2, (0.9, 0.99), 1e-8, 0.1, 2, False, np, np.float64)
-    assert adam[[4, 7]].tolist() == [0.1, 1.0]                # L2 decay, no decoupled decay
-    with pytest.raises(ValueError, match="step must be an integer >= 1, got 0"):
-        fused.adam_hyper(1e-2, (0.9, 0.99), 1e-8, 0.1, 0, True, np, np.float32)
-    with pytest.raises(ValueError, match=r"out must be an array of shape \(8,\) and dtype float32"):
-        fused.adam_hyper(1e-2, (0.9, 0.99), 1e-8, 0.1, 1, True, np, np.float32, out=np.zeros(8))

@@ -14,6 +14,7 @@ import pytest
 import minicnn
 from minicnn import AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from minicnn.backend import cuda_unavailable_reason
+from minicnn.fused import FusedAdam, FusedConv2d, FusedLinear, FusedMaxPool2d
 from minicnn.models import mnist_cnn
 
 from conftest import unique_values
@@ -33,6 +34,9 @@ LAYERS = [  # (factory, input shape, float32 tolerance)
     (lambda: ReLU(), (2, 3, 4, 5), 1e-6),
     (lambda: Flatten(), (2, 3, 4, 5), 1e-6),
     (lambda: Dropout(0.4), (4, 30), 1e-6),
+    (lambda: FusedConv2d(Conv2d(3, 8, 3), relu=True), (2, 3, 9, 9), 5e-4),
+    (lambda: FusedLinear(Linear(20, 7), relu=True), (5, 20), 5e-4),
+    (lambda: FusedMaxPool2d(MaxPool2d(3, stride=2, padding=1), relu=True), (2, 2, 9, 11), 1e-6),
 ]
 
 
@@ -76,12 +80,14 @@ def test_non_contiguous_and_odd_inputs():
     _close(pool(gx), pool(x[:, :, ::-1, :]), 1e-12)
 
 
-def _train(device, steps=20, dtype=np.float64):
+def _train(device, steps=20, dtype=np.float64, fused=False):
+    """The parameters after ``steps`` Adam steps of the example network; ``fused``: the fused
+    network (``minicnn.fuse``), FusedAdam and the fused loss."""
     minicnn.set_default_dtype(dtype)
     minicnn.seed(3)
-    model = mnist_cnn().to(device)
-    opt = minicnn.Adam(model.parameters(), lr=1e-3)
-    loss_fn = minicnn.CrossEntropyLoss()
+    model = (minicnn.fuse(mnist_cnn()) if fused else mnist_cnn()).to(device)
+    opt = (FusedAdam if fused else minicnn.Adam)(model.parameters(), lr=1e-3)
+    loss_fn = minicnn.fused.CrossEntropyLoss() if fused else minicnn.CrossEntropyLoss()
     data = minicnn.mnist_sample(train=True)
     loader = minicnn.DataLoader(data, batch_size=32, shuffle=True, device=device)
     for step, (x, y) in enumerate(loader):
@@ -94,14 +100,18 @@ def _train(device, steps=20, dtype=np.float64):
     return [minicnn.to_numpy(p.data) for p in model.parameters()]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-3)])
-def test_twenty_training_steps_match_the_cpu(dtype, tol):
-    for g, c in zip(_train("cuda", dtype=dtype), _train("cpu", dtype=dtype)):
+def test_twenty_training_steps_match_the_cpu(dtype, tol, fused):
+    for g, c in zip(_train("cuda", dtype=dtype, fused=fused),
+                    _train("cpu", dtype=dtype, fused=fused)):
         _close(g, c, tol)
 
 
-def test_two_gpu_runs_are_bit_identical():
-    for a, b in zip(_train("cuda", dtype=np.float32), _train("cuda", dtype=np.float32)):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_two_gpu_runs_are_bit_identical(fused):
+    for a, b in zip(_train("cuda", dtype=np.float32, fused=fused),
+                    _train("cuda", dtype=np.float32, fused=fused)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -156,28 +166,31 @@ def test_optimizer_state_follows_a_model_moved_after_it_was_made():
         _close(a, b, 1e-12)
 
 
-def _fit(cuda_graph, epochs=2, products_by_kernel=True):
+def _fit(cuda_graph, epochs=2, products_by_kernel=True, fused=True):
     """Two epochs on 1,000 bundled images at batch 128 (7 full batches and one of 104, which
-    runs eagerly), OneCycleLR changing the learning rate every step. The graph step computes its
-    products with minicnn's GEMM kernel; ``products_by_kernel`` makes the eager step do so too."""
+    runs eagerly), OneCycleLR changing the learning rate every step, the fused example network
+    and loss (``fused``) or the plain ones. The graph step computes its products with minicnn's
+    GEMM kernel; ``products_by_kernel`` makes the eager step do so too."""
     from minicnn import ops
     minicnn.seed(5)
-    model = mnist_cnn().to("cuda")
-    opt = minicnn.Adam(model.parameters(), lr=1e-3)
+    model = (minicnn.fuse(mnist_cnn()) if fused else mnist_cnn()).to("cuda")
+    opt = FusedAdam(model.parameters(), lr=1e-3)
     data = minicnn.mnist_sample(train=False)
     loader = minicnn.DataLoader(data, batch_size=128, shuffle=True, device="cuda")
     sched = minicnn.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * len(loader))
     with ops.products_by_kernel() if products_by_kernel else contextlib.nullcontext():
-        history = minicnn.fit(model, minicnn.CrossEntropyLoss(), opt, loader, epochs=epochs,
-                              scheduler=sched, scheduler_interval="batch", progress=False,
-                              verbose=False, cuda_graph=cuda_graph)
+        loss_fn = minicnn.fused.CrossEntropyLoss() if fused else minicnn.CrossEntropyLoss()
+        history = minicnn.fit(model, loss_fn, opt, loader, epochs=epochs, scheduler=sched,
+                              scheduler_interval="batch", progress=False, verbose=False,
+                              cuda_graph=cuda_graph)
     return [minicnn.to_numpy(p.data) for p in model.parameters()], history
 
 
-def test_cuda_graph_gives_the_parameters_of_the_eager_path():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_cuda_graph_gives_the_parameters_of_the_eager_path(fused):
     """The recorded step replays the very kernels of the eager step on the same memory, so the
     parameters after the same steps are bit-identical, and so are the epoch metrics."""
-    (eager, eager_hist), (graphed, graph_hist) = _fit(False), _fit(True)
+    (eager, eager_hist), (graphed, graph_hist) = _fit(False, fused=fused), _fit(True, fused=fused)
     for a, b in zip(eager, graphed):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(eager_hist.epochs, graph_hist.epochs):
@@ -223,17 +236,21 @@ def test_cuda_graph_step_is_replayed():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("pool", [MaxPool2d(2), MaxPool2d((1, 3)), AvgPool2d(2)])
-def test_convolution_handed_its_pool_matches_the_cpu(pool, dtype):
-    """``Conv2d.forward(x, relu=True, pool=...)``: a tiling max pool applied by the convolution
-    (im2col in blocks, maxpool_blocks kernels), or an average pool it is cut short for."""
+@pytest.mark.parametrize("pool", [lambda: MaxPool2d(2), lambda: MaxPool2d((1, 3)),
+                                  lambda: AvgPool2d(2),
+                                  lambda: FusedMaxPool2d(MaxPool2d(3, 2, 1), relu=True)],
+                         ids=["max2", "max1x3", "avg2", "max3-overlapping"])
+def test_fused_convolution_with_its_pool_matches_the_cpu(pool, dtype):
+    """``FusedConv2d(conv, relu, pool)``: a tiling max pool applied by the convolution (im2col
+    in blocks, maxpool_blocks kernels), or another pool it is cut short for."""
     minicnn.set_default_dtype(dtype)
-    cpu_conv = Conv2d(3, 6, 3)
+    pool = pool()
+    cpu_conv = FusedConv2d(Conv2d(3, 6, 3), relu=not isinstance(pool, FusedMaxPool2d), pool=pool)
     gpu_conv = copy.deepcopy(cpu_conv).to("cuda")
     rng = np.random.default_rng(3)
     x = unique_values(rng, (2, 3, 11, 12)).astype(dtype) - 0.5
-    y_cpu = cpu_conv.forward(x, relu=True, pool=pool)
-    y_gpu = gpu_conv.forward(minicnn.to_device(x, "cuda"), relu=True, pool=pool)
+    y_cpu = cpu_conv(x)
+    y_gpu = gpu_conv(minicnn.to_device(x, "cuda"))
     dy = rng.standard_normal(y_cpu.shape).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else 5e-4
     _close(y_gpu, y_cpu, tol)
@@ -281,7 +298,7 @@ def test_cuda_graph_records_batchnorm_with_a_cumulative_average():
         minicnn.seed(8)
         model = Sequential(Conv2d(1, 4, 3), BatchNorm2d(4, momentum=None), ReLU(), MaxPool2d(2),
                            Flatten(), Linear(4 * 13 * 13, 10)).to("cuda")
-        opt = minicnn.Adam(model.parameters(), lr=1e-3)
+        opt = FusedAdam(model.parameters(), lr=1e-3)
         loader = minicnn.DataLoader(minicnn.mnist_sample(train=False), batch_size=100,
                                     device="cuda")
         with ops.products_by_kernel():

@@ -12,7 +12,7 @@ import pytest
 
 import minicnn
 from minicnn import train
-from minicnn.fused import graph
+from minicnn.fused import FusedAdam, FusedAdamW, graph
 from minicnn.data import ArrayDataset, DataLoader
 from minicnn.fused.graph import GraphStep
 from minicnn.models import mnist_cnn
@@ -44,7 +44,7 @@ def _data(n=300, seed=0):
     return ArrayDataset(images, rng.integers(0, 10, n))
 
 
-def _train(cuda_graph, monkeypatch, epochs=2, optimizer=minicnn.Adam):
+def _train(cuda_graph, monkeypatch, epochs=2, optimizer=FusedAdam):
     minicnn.seed(0)
     model = mnist_cnn()
     opt = optimizer(model.parameters(), lr=1e-3)
@@ -63,7 +63,7 @@ def _train(cuda_graph, monkeypatch, epochs=2, optimizer=minicnn.Adam):
     return model, history, recorders
 
 
-@pytest.mark.parametrize("optimizer", [minicnn.Adam, minicnn.AdamW])
+@pytest.mark.parametrize("optimizer", [FusedAdam, FusedAdamW])
 def test_graph_path_trains_exactly_like_the_eager_path(monkeypatch, optimizer):
     """Two epochs of 5 batches (the last one smaller, run eagerly), lr changed by a scheduler
     every 3 steps: parameters and epoch metrics equal to the last bit."""
@@ -98,7 +98,7 @@ def test_fit_refuses_what_a_graph_cannot_record():
         minicnn.fit(m, minicnn.CrossEntropyLoss(), opt, loader, progress=False, verbose=False,
                     cuda_graph=True, **kw)
     with pytest.raises(ValueError, match="needs the model on a CUDA device, got cpu"):
-        fit(model, minicnn.Adam(model.parameters()))
+        fit(model, FusedAdam(model.parameters()))
 
 
 def test_refusals_name_the_reason(monkeypatch):
@@ -108,13 +108,15 @@ def test_refusals_name_the_reason(monkeypatch):
     check = train._check_graphable
     with pytest.raises(ValueError, match="reads its step count .* got SGD"):
         check(model, minicnn.SGD(model.parameters(), lr=0.1), None)
-    adam = minicnn.Adam(model.parameters())
-    monkeypatch.setattr(type(adam), "capturable", True)
+    with pytest.raises(ValueError, match=r"capturable optimizer.* minicnn\.fused\.FusedAdam or "
+                                         r"FusedAdamW, got Adam$"):
+        check(model, minicnn.Adam(model.parameters()), None)     # the plain reference is not
+    adam = FusedAdam(model.parameters())
     with pytest.raises(ValueError, match="GradScaler"):
         check(model, adam, minicnn.GradScaler())
     dropout = minicnn.Sequential(minicnn.Flatten(), minicnn.Dropout(0.5), minicnn.Linear(784, 10))
     with pytest.raises(ValueError, match="Dropout"):
-        check(dropout, minicnn.Adam(dropout.parameters()), None)
+        check(dropout, FusedAdam(dropout.parameters()), None)
     check(model, adam, None)                                 # the example network is fine
 
 

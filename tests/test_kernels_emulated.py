@@ -2,7 +2,9 @@
 
 Each kernel of kernels/im2col.cu and kernels/pool.cu is launched through
 ``minicnn.testing.emulator.launch`` (the same ``Launcher`` the GPU uses: argument casting,
-contiguity checks, grid size) and compared with its reference in ``minicnn/ops.py``:
+contiguity checks, grid size) and compared with its reference in ``minicnn/ops.py``, or, for the
+arguments only the fast path passes (rows in blocks, a ReLU folded into the max pool), in
+``minicnn/fused/windows.py``:
 
 - 8 kernels: im2col (9 shapes, rows in the plain order and in blocks), col2im (9 shapes),
   maxpool2d_forward, maxpool2d_backward, avgpool2d_forward, avgpool2d_backward (8 shapes each),
@@ -27,6 +29,7 @@ import pytest
 
 import minicnn.cuda
 from minicnn import ops
+from minicnn.fused import windows
 from minicnn.testing import emulator
 
 pytestmark = [pytest.mark.emulated,
@@ -154,7 +157,9 @@ def run_im2col(shape, dtype, launch=emulator.launch, seed=0, noncontiguous=False
     g = geometry(shape)
     cols = poisoned((B * g[10] * g[11], kh * kw * C), dtype)
     launch("im2col.cu", "im2col", cols.size, x, cols, *g, *blocks)
-    return cols, ops.im2col(x, kh, kw, (sh, sw), (ph, pw), blocks=blocks)
+    if blocks == (1, 1):
+        return cols, ops.im2col(x, kh, kw, (sh, sw), (ph, pw))
+    return cols, windows.im2col(x, kh, kw, (sh, sw), (ph, pw), blocks=blocks)
 
 
 def divisor_blocks(shape):
@@ -171,17 +176,17 @@ def run_maxpool_blocks_forward(shape, dtype, launch=emulator.launch, seed=10, re
     x = unique_signed(np.random.default_rng(seed), shape, dtype)
     y, argmax = poisoned(shape[1:], dtype), np.full(shape[1:], -7, np.int32)
     launch("pool.cu", "maxpool_blocks_forward", y.size, x, y, argmax, y.size, shape[0], int(relu))
-    return (y, argmax), ops.maxpool_blocks(x, relu)
+    return (y, argmax), windows.maxpool_blocks(x, relu)
 
 
 def run_maxpool_blocks_backward(shape, dtype, launch=emulator.launch, seed=11, relu=False):
     rng = np.random.default_rng(seed)
-    _, argmax = ops.maxpool_blocks(unique_signed(rng, shape, dtype), relu)
+    _, argmax = windows.maxpool_blocks(unique_signed(rng, shape, dtype), relu)
     dy = nonzero_normal(rng, shape[1:], dtype)
     dx = poisoned(shape, dtype)
     launch("pool.cu", "maxpool_blocks_backward", dx.size, dy, argmax.astype(np.int32), dx,
            dy.size, shape[0])
-    return dx, ops.maxpool_blocks_backward(dy, argmax, shape[0])
+    return dx, windows.maxpool_blocks_backward(dy, argmax, shape[0])
 
 
 def run_col2im(shape, dtype, launch=emulator.launch, seed=1):
@@ -210,14 +215,16 @@ def run_maxpool_forward(shape, dtype, launch=emulator.launch, seed=2, relu=False
     y, argmax = poisoned((B, C, g[10], g[11]), dtype), np.full((B, C, g[10], g[11]), -7, np.int32)
     memory, strides = in_layout(x, channels_last)
     launch("pool.cu", "maxpool2d_forward", y.size, memory, y, argmax, *g, int(relu), *strides)
-    return (y, argmax), ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
+    if relu:
+        return (y, argmax), windows.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
+    return (y, argmax), ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw))
 
 
 def run_maxpool_backward(shape, dtype, launch=emulator.launch, seed=3, relu=False):
     B, C, H, W, kh, kw, sh, sw, ph, pw = shape
     rng = np.random.default_rng(seed)
     x = unique_signed(rng, (B, C, H, W), dtype)
-    _, argmax = ops.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
+    _, argmax = windows.maxpool2d(x, kh, kw, (sh, sw), (ph, pw), relu)
     dy = nonzero_normal(rng, argmax.shape, dtype)
     dx = poisoned(x.shape, dtype)
     launch("pool.cu", "maxpool2d_backward", dx.size, dy, argmax.astype(np.int32), dx,
@@ -290,7 +297,7 @@ def test_maxpool_blocks_ties_nan_and_relu():
     for relu in (False, True):
         y, argmax = np.empty(4), np.empty(4, np.int32)
         emulator.launch("pool.cu", "maxpool_blocks_forward", 4, x, y, argmax, 4, 3, int(relu))
-        want_y, want_argmax = ops.maxpool_blocks(x, relu)
+        want_y, want_argmax = windows.maxpool_blocks(x, relu)
         assert_same_bits(y, want_y, "y")
         assert_same_bits(argmax, want_argmax.astype(np.int32), "argmax")
     assert argmax.tolist() == [1, 0, -1, -1] and np.isnan(y[2]) and y[3] == 0
@@ -377,7 +384,7 @@ def test_maxpool_with_relu_of_negative_windows_sends_nothing_back():
     y, argmax = np.full((1, 2, g[10], g[11]), 9.0), np.full((1, 2, g[10], g[11]), -7, np.int32)
     emulator.launch("pool.cu", "maxpool2d_forward", y.size, x, y, argmax, *g, 1,
                     *in_layout(x, False)[1])
-    want_y, want_argmax = ops.maxpool2d(x, 2, 2, (2, 2), (1, 0), relu=True)
+    want_y, want_argmax = windows.maxpool2d(x, 2, 2, (2, 2), (1, 0), relu=True)
     assert (y[0, 0] == 0).all() and (argmax[0, 0] == -1).all() and (argmax[0, 1] >= 0).any()
     assert_same_bits(y, want_y, "y")
     assert_same_bits(argmax, want_argmax.astype(np.int32), "argmax")

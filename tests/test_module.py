@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import Conv2d, Linear, MaxPool2d, ReLU, Sequential, ShapeError
+from minicnn import Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential, ShapeError
 from minicnn.models import mnist_cnn
 
 
@@ -171,133 +171,54 @@ def test_backward_without_input_grad_skips_dx_but_not_parameter_grads():
     assert model[0]._cache is None          # the pooling before the first conv was not run back
 
 
-def test_training_steps_reuse_host_memory():
-    """A step's large temporaries come back from the allocator, not as fresh pages from the OS:
-    before minicnn kept freed memory, each step at batch 128 cost ~4,900 page faults (a third of
-    its time on a 2-core machine); with it, ~0."""
-    import resource
-    if not minicnn.backend.keep_freed_memory():
-        pytest.skip("not Linux with glibc: the allocator setting does not apply")
-    model, loss_fn = mnist_cnn(), minicnn.CrossEntropyLoss()
-    opt = minicnn.Adam(model.parameters())
-    x = np.random.default_rng(5).standard_normal((128, 1, 28, 28)).astype(np.float32)
-    y = np.arange(128) % 10
+def test_sequential_runs_every_layer_own_forward_and_backward():
+    """No layer is run by another or skipped: forward calls each layer's forward in order,
+    backward each layer's backward in reverse (input_grad=False: not those before the first
+    layer with parameters)."""
+    calls = []
 
-    def step():
-        loss_fn(model(x), y)
-        opt.zero_grad()
-        model.backward(loss_fn.backward(), input_grad=False)
-        opt.step()
-    for _ in range(3):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        step()
-    per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    assert per_step < 200, f"{per_step:.0f} page faults per step"
+    class Logged(Module):
+        def __init__(self, layer, name):
+            self.layer, self.name = layer, name
 
+        def forward(self, x):
+            calls.append(("forward", self.name))
+            return self.layer.forward(x)
 
-def test_keep_freed_memory_can_be_refused(monkeypatch):
-    monkeypatch.setenv("MINICNN_KEEP_FREED_MEMORY", "0")
-    assert minicnn.backend.keep_freed_memory() is False
-
-
-def test_importing_minicnn_first_shortens_openblas_spin():
-    """OpenBLAS's idle threads spinning after each product slowed the elementwise work of a CPU
-    step by 30-45%; minicnn asks for a short spin unless the user chose a value."""
-    import os
-    import subprocess
-    import sys
-    code = "import minicnn, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert run.stdout.strip() == "4", run.stderr
-    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert run.stdout.strip() == "20", run.stderr
+        def backward(self, dy, input_grad=True):
+            calls.append(("backward", self.name, input_grad))
+            return self.layer.backward(dy, input_grad)
+    layers = [minicnn.AvgPool2d(2), Conv2d(1, 2, 3), ReLU(), MaxPool2d(2), minicnn.Flatten(),
+              Linear(8, 3), ReLU(), Linear(3, 2)]
+    model = Sequential(*[Logged(m, type(m).__name__ + str(i)) for i, m in enumerate(layers)])
+    x = np.random.default_rng(6).standard_normal((2, 1, 12, 12)).astype(np.float32)
+    model.backward(np.ones_like(model(x)))
+    names = [type(m).__name__ + str(i) for i, m in enumerate(layers)]
+    assert calls == [("forward", n) for n in names] + [("backward", n, True)
+                                                       for n in reversed(names)]
+    calls.clear()
+    model.backward(np.ones_like(model(x)), input_grad=False)
+    assert calls[len(names):] == [("backward", n, n != "Conv2d1") for n in reversed(names[1:])]
 
 
-def _in_given_order(model, x, dy):
-    """Forward and backward through ``model``'s layers one by one, in the order they were given
-    (what Sequential would do without its plan): (output, dx, parameter gradients)."""
-    layers = list(model)
-    for layer in layers:
-        x = layer.forward(x)
-    g = dy
-    for layer in reversed(layers):
-        g = layer.backward(g)
-    return x, g, [p.grad.copy() for p in model.parameters()]
-
-
-@pytest.mark.parametrize("layers,relu_in,pooled,cropped", [
-    # the pool tiles the conv's 6x6 output: the conv applies it, with the ReLU
-    (lambda: [Conv2d(2, 3, 3), ReLU(), MaxPool2d(2)], [Conv2d], 1, []),
-    (lambda: [Conv2d(2, 3, 3), ReLU(), Conv2d(3, 2, 3, bias=False), ReLU(), minicnn.Flatten()],
-     [Conv2d, Conv2d], 0, []),
-    (lambda: [minicnn.Flatten(), Linear(128, 3), ReLU(), ReLU(), Linear(3, 2, bias=False),
-              ReLU()], [Linear, Linear], 0, []),    # a second ReLU in a row runs on its own
-    # an overlapping max pool stays a layer; the 2x2 one after it is not after a conv
-    (lambda: [Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(3, stride=1, padding=1),
-              MaxPool2d(2), minicnn.Flatten(), Linear(48, 5), ReLU(), Linear(5, 4)],
-     [MaxPool2d, Linear], 0, []),
-    (lambda: [Conv2d(2, 3, 3), minicnn.AvgPool2d(2), ReLU(), minicnn.Flatten()], [], 0, []),
-    # 8x8 -> 7x7, of which a 2x2 average pool reads 6x6 (the ReLU fuses into the conv); then
-    # 3x3 -> 2x2, which the max pool reads whole and the conv applies
-    (lambda: [Conv2d(2, 3, 2), ReLU(), minicnn.AvgPool2d(2), Conv2d(3, 4, 2), ReLU(),
-              MaxPool2d(2)], [Conv2d, Conv2d], 1, [(6, 6)]),
-    # a padded pool: 2x2 windows with stride 3 and padding 1 over 8x8 read 7x7
-    (lambda: [Conv2d(2, 3, 1), ReLU(), MaxPool2d(2, stride=3, padding=1)], [MaxPool2d], 0,
-     [(7, 7)]),
-    # the conv applies a 2x2 pool over the 6x6 of its 7x7 output it reads, and the ReLU after
-    # it; then 3x3 -> 3x3 -> an overlapping-free pool with stride (2, 3) that stays a layer,
-    # after the second of two ReLUs, which it takes
-    (lambda: [Conv2d(2, 3, 2), MaxPool2d(2), ReLU(), Conv2d(3, 2, 1), ReLU(), ReLU(),
-              MaxPool2d(3, stride=(2, 3)), minicnn.Flatten()], [Conv2d, Conv2d, MaxPool2d], 1,
-     [(6, 6)]),
-])
-def test_sequential_plan_gives_the_same_bits_as_the_given_order(layers, relu_in, pooled, cropped,
-                                                                   float64):
-    """Sequential runs a ReLU before a max pool after it instead, and a ReLU after a max pool, or
-    after a Conv2d or Linear, inside that layer, and a convolution before a pool computes only the
-    outputs the pool reads, and applies a max pool whose windows tile them: outputs, input
-    gradients and parameter gradients must not change by a bit (float64), including windows whose
-    values are all negative (no gradient in either order) and overlapping windows. The one
-    exception: a convolution cut short or pooling in window order sums its weight and bias
-    gradients over fewer (exactly zero) terms or in another order, which BLAS may group
-    differently, so they are compared to 1e-13 relative."""
-    minicnn.seed(4)
-    model = Sequential(*layers())
-    plan = model._plan()
-    kinds = [type(m) for m, _ in plan]
-    assert all(not (a is ReLU and b is MaxPool2d) for a, b in zip(kinds, kinds[1:]))
-    assert [type(m) for m, opts in plan if opts.get("relu")] == relu_in
-    handed = [(opts["pool"], after) for (m, opts), (after, _) in zip(plan, plan[1:] + [(None, 0)])
-              if "pool" in opts]
-    absorbed = [p for p, after in handed if p is not after]    # applied by the convolution
-    assert len(absorbed) == pooled and all(minicnn.layers.pooled_by_conv(p) for p in absorbed)
-    assert all(p not in [m for m, _ in plan] for p in absorbed)
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((3, 2, 8, 8)) - 0.3            # many windows wholly negative
-    crops = []                             # the output sizes the convolutions were cut to
-    for m, opts in plan:
-        if "pool" in opts:
-            def forward(x, _forward=m.forward, _m=m, **kw):
-                full = _m.output_shape(x.shape)[2:]
-                if "pool" in kw and kw["pool"].reach(full) != full:
-                    crops.append(kw["pool"].reach(full))
-                return _forward(x, **kw)
-            m.forward = forward
-    out = model(x)
-    dy = rng.standard_normal(out.shape)
-    dx = model.backward(dy)
-    grads = [p.grad.copy() for p in model.parameters()]
-    model.zero_grad()
-    ref_out, ref_dx, ref_grads = _in_given_order(model, x, dy)
-    assert crops == cropped
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(dx, ref_dx)
-    for g, r in zip(grads, ref_grads):
-        if cropped or pooled:   # sums over other terms or in another order: the last bits
-            np.testing.assert_allclose(g, r, rtol=1e-13, atol=1e-15)
-        else:
-            np.testing.assert_array_equal(g, r)
+def test_sequential_from_an_ordered_dict_names_its_layers():
+    from collections import OrderedDict
+    conv, relu, lin = Conv2d(1, 2, 3), ReLU(), Linear(8, 3)
+    model = Sequential(OrderedDict([("conv", conv), ("act", relu), ("flat", minicnn.Flatten()),
+                                    ("fc", lin)]))
+    assert [n for n, _ in model.named_children()] == ["conv", "act", "flat", "fc"]
+    assert model[0] is conv and model[-1] is lin and len(model) == 4
+    assert list(model.state_dict()) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    head = model[1:]
+    assert isinstance(head, Sequential) and [n for n, _ in head.named_children()] == \
+        ["act", "flat", "fc"] and head[2] is lin
+    assert repr(model).splitlines()[1] == "  (conv): Conv2d(1, 2, kernel_size=(3, 3), stride=(1, " \
+                                          "1), padding=(0, 0), bias=True)"
+    y = model(np.ones((2, 1, 4, 4), np.float32))
+    assert y.shape == (2, 3)
+    for bad, error, match in [
+            (OrderedDict([("a", conv), ("a.b", relu)]), ValueError, "without a dot"),
+            (OrderedDict([("forward", conv)]), ValueError, "not attributes of Sequential"),
+            (OrderedDict([("conv", "not a layer")]), TypeError, "layer 'conv' must be a Module")]:
+        with pytest.raises(error, match=match):
+            Sequential(bad)

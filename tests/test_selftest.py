@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from minicnn import ops, selftest
+from minicnn.fused import windows
 from minicnn.backend import cuda_unavailable_reason
 from minicnn.testing import emulator
 
@@ -92,7 +93,7 @@ def test_a_wrong_kernel_reference_fails_the_check_and_exits_one(tmp_path, monkey
 def test_an_exception_in_a_check_is_a_failure_with_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("reference broken on purpose")
-    monkeypatch.setattr(ops, "maxpool_blocks_backward", broken)
+    monkeypatch.setattr(windows, "maxpool_blocks_backward", broken)
     assert selftest.main(["--quick", "--only", "maxpool_blocks_backward float64",
                           "--out", str(tmp_path)]) == 1
     [check] = [c for c in _report(tmp_path)["checks"] if c["status"] != "skip"]
@@ -142,8 +143,9 @@ def test_the_gpu_kernel_and_layer_checks_run_on_a_stand_in_gpu(tmp_path, monkeyp
     report = _report(tmp_path)
     assert code == 0 and report["machine"]["gpu"] is not None
     passed = [c["name"] for c in report["checks"] if c["status"] == "pass"]
-    assert len(passed) == 2 * len(selftest.KERNELS) + 2 * len(selftest._layers()) + 2
+    assert len(passed) == 2 * len(selftest.KERNELS) + 2 * len(selftest._layers()) + 4
     assert "training steps CPU vs GPU float64" in passed
+    assert "training steps CPU vs GPU float64, fused" in passed
 
 
 @pytest.mark.slow

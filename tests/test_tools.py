@@ -39,9 +39,11 @@ def test_benchmark_writes_json(tmp_path, capsys):
                    "--json", str(tmp_path / "b.json")])
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["training"][0]["batch"] == 8
-    assert report["training"][0]["minicnn_images_per_s"] > 0
+    assert report["training"][0]["minicnn_images_per_s"] > 0          # the fused network
+    assert report["training"][0]["minicnn_plain_images_per_s"] > 0
     if bench["torch_usable"]("cpu"):          # in this process, and alone in a child process
         assert report["training"][0]["torch_images_per_s"] > 0
         assert report["training"][0]["torch_alone_images_per_s"] > 0
-    assert [row["layer"].split("(")[0] for row in report["layers"]][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    assert [row["layer"].split("(")[0] for row in report["layers"]] == [
+        "FusedConv2d", "FusedConv2d", "Flatten", "FusedLinear", "Linear"]
     assert "img/s" in capsys.readouterr().out

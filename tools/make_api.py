@@ -7,8 +7,8 @@ Every name of ``minicnn.__all__`` gets a heading with the anchor ``#<name>`` (ot
 ``api.md#Conv2d``), its signature, the file it is defined in, and its docstring; a class also lists
 its public methods. Then the modules that are used by their module name (``minicnn.models``,
 ``minicnn.amp``, ``minicnn.augment``, ``minicnn.ops``, ``minicnn.cuda``,
-``minicnn.testing.emulator``) are listed the same way. Docstrings are shown as plain text, exactly
-as written in the code.
+``minicnn.testing.emulator``, ``minicnn.errors``, and the fast path's ``minicnn.fused.modules``,
+``losses``, ``windows`` and ``ops``) are listed the same way, less what the first part holds. Docstrings are shown as plain text, exactly as written in the code.
 """
 import argparse
 import importlib
@@ -38,11 +38,14 @@ SECTIONS = [
     ("Checkpoints and PyTorch weights", "sec-io", ["minicnn.io", "minicnn.weights"]),
     ("Devices, dtype and randomness", "sec-backend", ["minicnn.backend"]),
     ("Checking gradients", "sec-testing", ["minicnn.testing.gradcheck"]),
+    ("The fast path", "sec-fused", ["minicnn.fused.fuse"]),
+    ("Errors", "sec-errors", ["minicnn.errors"]),
 ]
 
 # modules used by their name, not re-exported name by name
 MODULES = ["minicnn.models", "minicnn.augment", "minicnn.ops", "minicnn.cuda",
-           "minicnn.testing.emulator"]
+           "minicnn.testing.emulator", "minicnn.errors", "minicnn.fused.modules",
+           "minicnn.fused.losses", "minicnn.fused.windows", "minicnn.fused.ops"]
 
 
 def _path(module):
@@ -218,7 +221,7 @@ def render():
         out += _doc_block(module.__doc__)
         for name in _public_names(module):
             obj = getattr(module, name)
-            if inspect.ismodule(obj):
+            if inspect.ismodule(obj) or home.get(name) == m:
                 continue
             out += _entry(name, obj, module, m)
     return "\n".join(out).rstrip() + "\n"

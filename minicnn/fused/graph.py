@@ -16,7 +16,7 @@ the host happens once only. That sets three rules, and this module keeps them:
   and accuracy are summed on the device (``train._Meter``).
 - Values that change from step to step are in device memory. The optimizer's step count and
   learning rate go into a small device array that ``optimizer.prepare_step()`` rewrites before
-  each replay; its update kernel reads them from there (``Adam``/``AdamW`` on a GPU).
+  each replay; its update kernel reads them from there (``FusedAdam``/``FusedAdamW``).
 
 - No cuBLAS. CuPy refuses to call cuBLAS while a stream is capturing, so every matrix product
   of the step, from the first warm-up on, goes through minicnn's own GEMM kernel

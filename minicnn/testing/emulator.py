@@ -54,6 +54,7 @@ import numpy as np
 
 from .. import cuda
 from ..cuda import KernelCompileError, Launcher
+from ..errors import EmulatorError, EmulatorUnavailable
 
 HEADER = Path(__file__).resolve().with_name("cuda_emulator.h")
 GUARD = 64                  # elements of guard zone on each side of every array argument
@@ -64,15 +65,6 @@ _CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "unsigned int": 
            "double": ctypes.c_double}
 _INT_POINTERS = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
                  "unsigned long long": np.uint64}
-
-
-class EmulatorError(RuntimeError):
-    """A kernel run by the emulator misbehaved (wrote out of bounds, diverged at a barrier) or was
-    called wrongly."""
-
-
-class EmulatorUnavailable(RuntimeError):
-    """No C++ compiler (or no emulator header): the emulator cannot build kernels here."""
 
 
 def _compiler():

@@ -4,10 +4,7 @@ import copy
 import numpy as np
 
 from ..backend import rng, to_numpy
-
-
-class GradcheckError(AssertionError):
-    """A backward pass disagrees with finite differences."""
+from ..errors import GradcheckError
 
 
 def gradcheck(layer, x, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0, raise_exception=True):
