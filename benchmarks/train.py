@@ -181,19 +181,21 @@ def torch_step(x, y, device, tf32=False):
 
 
 def layer_times(batch, device, sync, repeats):
-    """Per module of the fused network (name, minicnn fwd ms, minicnn bwd ms, torch fwd ms,
-    torch bwd ms), beside the PyTorch layers it replaces (a fused module keeps the name of the
-    first plain layer of its run: "0" .. "3" are layers 0, 1, 2); medians."""
+    """Per module of the fused network (name, fused fwd ms, fused bwd ms, plain fwd ms, plain bwd
+    ms, torch fwd ms, torch bwd ms): the fused module beside the run of plain minicnn layers and of
+    PyTorch layers it replaces (a fused module keeps the name of the first plain layer of its run:
+    "0" .. "3" are layers 0, 1, 2); medians, torch None without PyTorch."""
     rng = np.random.default_rng(0)
     named = list(minicnn_model(device).named_children())
-    ours = [layer for _, layer in named]
+    plain = list(minicnn_model(device, fused=False))
+    starts = [int(name) for name, _ in named] + [len(plain)]
+    runs = [minicnn.Sequential(*plain[a:b]) for a, b in zip(starts, starts[1:])]
     try:
         import torch
-        plain = list(torch_model(device))
-        starts = [int(name) for name, _ in named] + [len(plain)]
-        theirs = [torch.nn.Sequential(*plain[a:b]) for a, b in zip(starts, starts[1:])]
+        tplain = list(torch_model(device))
+        theirs = [torch.nn.Sequential(*tplain[a:b]) for a, b in zip(starts, starts[1:])]
     except ImportError:
-        theirs = [None] * len(ours)
+        theirs = [None] * len(named)
 
     def median_ms(fn):
         fn()
@@ -206,24 +208,25 @@ def layer_times(batch, device, sync, repeats):
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def fwd_bwd_ms(forward, backward):
+        fwd = median_ms(forward)
+        return fwd, max(median_ms(lambda: (forward(), backward())) - fwd, 0.0)
+
     rows, shape = [], (batch, 1, 28, 28)
-    for layer, tlayer in zip(ours, theirs):
+    for (_, layer), run, tlayer in zip(named, runs, theirs):
         x_host = rng.standard_normal(shape).astype(np.float32)
         out_shape = layer.output_shape(shape)
         dy_host = rng.standard_normal(out_shape).astype(np.float32)
         x, dy = minicnn.to_device(x_host, device), minicnn.to_device(dy_host, device)
-        fwd = median_ms(lambda: layer(x))
-
-        def fwd_bwd():
-            layer(x)
-            layer.backward(dy)
-        bwd = max(median_ms(fwd_bwd) - fwd, 0.0)
-        row = [f"{type(layer).__name__}{tuple(out_shape[1:])}", fwd, bwd, None, None]
+        row = [f"{type(layer).__name__}{tuple(out_shape[1:])}",
+               *fwd_bwd_ms(lambda: layer(x), lambda: layer.backward(dy)),
+               *fwd_bwd_ms(lambda: run(x), lambda: run.backward(dy)), None, None]
         if tlayer is not None:
             xt = torch.from_numpy(x_host).to(device).requires_grad_()
             dyt = torch.from_numpy(dy_host).to(device)
-            row[3] = median_ms(lambda: tlayer(xt))
-            row[4] = max(median_ms(lambda: tlayer(xt).backward(dyt)) - row[3], 0.0)
+            out = {}
+            row[5:] = fwd_bwd_ms(lambda: out.__setitem__("y", tlayer(xt)),
+                                 lambda: out["y"].backward(dyt))
         rows.append(row)
         shape = out_shape
     return rows
@@ -307,16 +310,20 @@ def main(argv=None):
     if args.layers:
         batch = args.batch_sizes[0]
         layers = layer_times(batch, device, sync, max(args.repeats, 5) * 3)
-        print(f"\nper module of the fused network at batch {batch}, beside the PyTorch layers it "
-              "replaces; milliseconds (median; backward = forward+backward minus forward)")
-        print(f"{'layer':<28} {'minicnn fwd':>11} {'bwd':>7} {'PyTorch fwd':>11} {'bwd':>7}")
-        for name, f, b, tf, tb in layers:
+        print(f"\nper module of the fused network at batch {batch}, beside the plain minicnn "
+              "layers and the PyTorch layers it replaces; milliseconds (median; backward = "
+              "forward+backward minus forward)")
+        print(f"{'layer':<28} {'fused fwd':>10} {'bwd':>7} {'plain fwd':>10} {'bwd':>7} "
+              f"{'PyTorch fwd':>11} {'bwd':>7}")
+        for name, f, b, pf, pb, tf, tb in layers:
             torch_cols = f"{tf:>11.3f} {tb:>7.3f}" if tf is not None else f"{'-':>11} {'-':>7}"
-            print(f"{name:<28} {f:>11.3f} {b:>7.3f} {torch_cols}")
+            print(f"{name:<28} {f:>10.3f} {b:>7.3f} {pf:>10.3f} {pb:>7.3f} {torch_cols}")
     if args.json:
         report = {"environment": env, "training": results,
-                  "layers": [dict(zip(("layer", "minicnn_fwd_ms", "minicnn_bwd_ms", "torch_fwd_ms",
-                                       "torch_bwd_ms"), row)) for row in layers or []]}
+                  "layers": [dict(zip(("layer", "minicnn_fwd_ms", "minicnn_bwd_ms",
+                                       "minicnn_plain_fwd_ms", "minicnn_plain_bwd_ms",
+                                       "torch_fwd_ms", "torch_bwd_ms"), row))
+                             for row in layers or []]}
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f, indent=2)
