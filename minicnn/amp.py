@@ -12,56 +12,13 @@
 
 ``minicnn.fit(..., precision="fp16")`` does exactly this.
 
-What autocast changes
----------------------
-Under ``autocast()``, ``Conv2d`` and ``Linear`` whose weights are float32 compute their matrix
-products -- forward, and the weight and input gradients of backward -- with float16 OPERANDS and
-float32 ACCUMULATION, from the float32 master weights: both factors are rounded to float16, each
-product of two float16 numbers is exact in float32, and the sums run in float32. That is what a
-GPU's tensor cores do. Nothing else changes: the outputs of Conv2d and Linear are float32, so ReLU,
-pooling, BatchNorm, the loss and the CUDA pooling kernels all run in float32 as before (no float16
-kernel is needed), and gradients accumulate into the float32 ``Parameter.grad``.
-
-A layer does not branch on autocast: it asks ``policy(dtype)`` for its precision policy once per
-forward and makes every product through it (``operand`` for each factor, ``matmul`` for the
-product). Outside autocast the policy is ``ops.matmul`` of the arrays as they are; inside, it is
-``Float16Operands``. The layer keeps the policy in its cache, so its backward follows its forward,
-whether or not backward itself runs inside the ``with`` block. Float64 layers (reference runs) are
-left alone, as PyTorch's autocast leaves float64.
-
-Outside autocast nothing changes at all: the same operations run, bit for bit, as without this
-module.
-
-The trade-off against PyTorch: PyTorch's autocast keeps the activations between layers in float16,
-which halves the memory traffic of the elementwise layers and the activation memory. Here they stay
-float32: simpler (one set of kernels, no casts to place by hand, every non-product op exactly as in
-fp32 training) and more precise, but the speed-up is only that of the products and, on the GPU,
-the smaller saved im2col matrices (kept in float16 for backward: a convolution keeps its operands).
-
-The two backends
-----------------
-The GPU computes ``cupy.matmul`` on float16 arrays; CuPy asks cuBLAS for float32 compute (tensor
-cores) and returns a float16 result, widened to float32 here. So on the GPU a product is rounded
-to float16 once more at the end, and one above 65504 becomes inf, as in PyTorch. The CPU has no
-float16 GEMM: NumPy's float16 ``matmul`` is a slow loop that also sums in float16. Instead the
-operands are rounded to float16 and back (``astype(float16).astype(float32)``) and multiplied by
-BLAS sgemm: exactly float16 operands with float32 accumulation, at sgemm speed, and a float32
-result (no final rounding, so the CPU overflows only when an operand exceeds 65504). CPU and GPU
-results agree to about 1e-3 relative. On the CPU the rounded operands are float32 arrays, so there
-is no memory saving there; autocast on the CPU is for checking what fp16 training does to a model,
-not for speed.
-
-``autocast`` is a global switch (one per process, not per thread): do not flip it from several
-threads at once.
-
-GradScaler
-----------
-Small gradients vanish in float16 (below 6e-8 they round to zero), so the loss gradient is
-multiplied by a large scale before backward and the parameter gradients are divided by it before
-the optimizer step -- PyTorch's ``torch.amp.GradScaler``, adapted to the manual backward: scale the
-loss *gradient* (``scaler.scale(loss_fn.backward())``), which is what ``scaler.scale(loss)
-.backward()`` amounts to. A step whose gradients hold inf or NaN (the scale was too large) is
-skipped and the scale halved; after ``growth_interval`` good steps in a row it is doubled.
+Under ``autocast()`` the products of float32 ``Conv2d`` and ``Linear`` (forward, and both
+gradients of backward) take float16 operands and sum in float32, as tensor cores do; a layer asks
+``policy(dtype)`` once per forward and its backward follows that answer. Everything else stays
+float32, and float64 layers are left alone. ``autocast`` is one switch per process, not per
+thread. ``GradScaler`` scales the loss gradient so small gradients survive float16, and skips a
+step whose gradients hold inf or NaN. docs/amp.md explains both, and how the CPU and the GPU
+compute the products.
 """
 import functools
 import math

@@ -119,38 +119,24 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         on_epoch_end=None, precision="fp32", scaler=None, cuda_graph=False):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
-    Each step: forward, loss, zero_grad, backward (layers in reverse), optimizer step. ``model``
-    is trained as given: a plain model runs its plain layers; ``minicnn.fuse(model)`` is the
-    caller's to ask for.
-    ``scheduler.step()`` runs after every epoch, or after every batch with
-    ``scheduler_interval="batch"`` (as OneCycleLR wants). A progress bar per epoch shows loss,
-    accuracy and images/s, refreshed every ``log_every`` steps. With ``val_loader`` each epoch
-    ends with an evaluation. Per-epoch rows hold train_loss, train_accuracy, val_loss,
-    val_accuracy, seconds (training time of the epoch), images_per_s, and elapsed (seconds from
-    the first step to the end of this epoch's evaluation). ``start_epoch`` numbers the epochs of
-    a resumed run. ``verbose`` prints one summary line per epoch; ``on_epoch_end(row)`` is called
-    after each epoch (to save a checkpoint, say).
+    Each step: forward, loss, zero_grad, backward, optimizer step, on the model as given (fusing
+    is the caller's: ``minicnn.fuse``). ``scheduler.step()`` runs after every epoch, or every
+    batch with ``scheduler_interval="batch"``. Per-epoch rows hold train_loss, train_accuracy,
+    seconds, images_per_s, elapsed, and with ``val_loader`` val_loss and val_accuracy; a progress
+    bar refreshes every ``log_every`` steps; ``start_epoch`` numbers the epochs of a resumed run;
+    ``on_epoch_end(row)`` runs after each epoch.
 
-    ``precision="fp16"`` trains with mixed precision (``minicnn.amp``): forward passes (and the
-    evaluation) run under ``autocast()``, the loss gradient is scaled by ``scaler`` (a
-    ``GradScaler``, made with PyTorch's defaults if not given) and the step goes through
-    ``scaler.step(optimizer)`` and ``scaler.update()``, which skip steps with inf/NaN gradients.
-    Rows then also hold ``loss_scale``, the scale at the end of the epoch. Deciding whether to
-    skip reads one flag from the device per step (as PyTorch's GradScaler does). A ``scaler``
-    given with ``precision="fp32"`` scales the same way around float32 products.
+    ``precision="fp16"``: forward passes under ``autocast()``, the loss gradient scaled by
+    ``scaler`` (a default ``GradScaler`` if None), steps with inf/NaN gradients skipped; rows
+    also hold ``loss_scale``. ``cuda_graph=True`` (model on a GPU, fp32, a capturable optimizer
+    such as ``minicnn.fused.FusedAdam``, no Dropout) records the step as a CUDA graph after a few
+    eager steps and replays it for batches of the same shape (``minicnn.fused.graph``); its
+    products run on minicnn's GEMM kernel, which CuPy can capture where it cannot capture cuBLAS.
 
-    ``cuda_graph=True`` (model on a GPU, fp32, a capturable optimizer, one whose update reads its
-    changing values from device memory: ``minicnn.fused.FusedAdam``/``FusedAdamW``, no
-    ``Dropout``) records the training step as a CUDA graph after a few eager steps and replays it
-    for every batch of the same shape (``minicnn.fused.graph``), at one launch per step. Its products run on minicnn's GEMM kernel (CuPy
-    cannot capture cuBLAS): the updates of an eager run inside ``ops.products_by_kernel()``.
-
-    No step reads a value back from the device: the running loss and accuracy are summed there
-    and read every ``log_every`` steps and at the end of the epoch, which is also when a
-    deferred check of the targets (``CrossEntropyLoss.check``) raises.
-
-    Calls ``minicnn.tune_process()`` before the first step, which sets glibc's allocator for the
-    whole process (not minicnn alone); MINICNN_TUNE_PROCESS=0 makes that call change nothing.
+    No step reads back from the device: loss and accuracy are summed there and read every
+    ``log_every`` steps and at the end of the epoch (when a deferred target check raises). Calls
+    ``minicnn.tune_process()`` first, which changes glibc's allocator for the whole process
+    (``MINICNN_TUNE_PROCESS=0`` to opt out). docs/tutorial.md shows it at work.
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
