@@ -4,6 +4,7 @@
     python examples/cifar10_resnet18.py --limit 512 --epochs 1             # a quick CPU check
     python examples/cifar10_resnet18.py --pretrained resnet18.safetensors  # from ImageNet weights
     python examples/cifar10_resnet18.py --synthetic --device cuda --amp    # throughput only
+    python examples/cifar10_resnet18.py --device cuda --amp --checkpoint-dir ckpt --resume  # restartable
 
 Network: ResNet-18 with the CIFAR stem (3x3 stride-1 first convolution, no max pooling; 11.2 M
 parameters), or with ``--pretrained PATH`` torchvision's ImageNet ResNet-18 (7x7 stem) loaded from
@@ -32,6 +33,7 @@ from minicnn import CIFAR10, augment  # noqa: E402
 from minicnn.amp import GradScaler  # noqa: E402
 from minicnn.data import ArrayDataset, DataLoader, DatasetUnavailable  # noqa: E402
 from minicnn.models import resnet18  # noqa: E402
+from minicnn.train import add_checkpoint_arguments, checkpoint_options  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +111,9 @@ def main(argv=None):
                     help="train on random images (no CIFAR-10 needed): for speed checks")
     ap.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_checkpoint_arguments(ap)       # --checkpoint-dir DIR --checkpoint-every N --resume
     args = ap.parse_args(argv)
+    resumable = checkpoint_options(ap, args)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be at least 1, got {args.limit}")
     minicnn.tune_process()      # process-wide: glibc keeps freed memory for reuse (fit does it too)
@@ -143,7 +147,7 @@ def main(argv=None):
 
     history = minicnn.fit(model, loss_fn, optimizer, train, epochs=args.epochs, val_loader=test,
                           progress=not args.no_progress, on_epoch_end=save if args.save else None,
-                          precision=precision, scaler=scaler)
+                          precision=precision, scaler=scaler, **resumable)
     best = max(history["val_accuracy"])
     print(f"best test accuracy {best:.4f}" + (f"; final loss scale {scaler.get_scale():g}"
                                               if scaler is not None else ""))

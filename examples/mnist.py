@@ -4,6 +4,7 @@
     python examples/mnist.py --device auto --save mnist.npz
     python examples/mnist.py --device cuda --batch-size 128 --cuda-graph   # one launch per step
     python examples/mnist.py --epochs 2 --batch-size 128 --onecycle 5e-3   # 99.0% (seed 0)
+    python examples/mnist.py --epochs 5 --checkpoint-dir ckpt --checkpoint-every 200 --resume
 
 Network: conv(1->32, 3x3), ReLU, maxpool 2, conv(32->64, 3x3), ReLU, maxpool 2, fc(1600->128),
 ReLU, fc(128->10); Adam(1e-3), batch 64. It trains the fused network (``minicnn.fuse``), which
@@ -20,6 +21,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import minicnn  # noqa: E402
 from minicnn.data import MNIST, DataLoader, DatasetUnavailable, mnist_sample  # noqa: E402
 from minicnn.models import mnist_cnn  # noqa: E402
+from minicnn.train import add_checkpoint_arguments, checkpoint_options  # noqa: E402
 
 
 def load_data(data_dir):
@@ -48,11 +50,13 @@ def main(argv=None):
     ap.add_argument("--save", default=None, metavar="PATH",
                     help="write a checkpoint (.npz, with optimizer state) after every epoch")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_checkpoint_arguments(ap)       # --checkpoint-dir DIR --checkpoint-every N --resume
     ap.add_argument("--cuda-graph", action="store_true",
                     help="record the training step as a CUDA graph and replay it (GPU only)")
     ap.add_argument("--tf32", action="store_true",
                     help="let float32 products use TF32 tensor cores (GPU only; off by default)")
     args = ap.parse_args(argv)
+    resumable = checkpoint_options(ap, args)
     minicnn.tune_process()      # process-wide: glibc keeps freed memory for reuse (fit does it too)
 
     dev = minicnn.device(args.device)
@@ -88,7 +92,7 @@ def main(argv=None):
     history = minicnn.fit(model, loss_fn, optimizer, train, epochs=args.epochs, val_loader=test,
                           scheduler=scheduler, scheduler_interval="batch",
                           progress=not args.no_progress, on_epoch_end=save if args.save else None,
-                          cuda_graph=args.cuda_graph)
+                          cuda_graph=args.cuda_graph, **resumable)
     return history
 
 

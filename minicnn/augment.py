@@ -97,7 +97,19 @@ class Augmented:
         self.transforms = tuple(transforms)
 
     def __iter__(self):
-        for x, y in self.loader:
+        return self._augmented(self.loader)
+
+    def iter_from(self, order, start=0):
+        """The wrapped loader's ``iter_from(order, start)``, augmented (``fit`` resumes with it)."""
+        return self._augmented(self.loader.iter_from(order, start))
+
+    @property
+    def last_order(self):
+        """The wrapped loader's ``last_order``."""
+        return self.loader.last_order
+
+    def _augmented(self, batches):
+        for x, y in batches:
             for t in self.transforms:
                 x = t(x)
             yield x, y

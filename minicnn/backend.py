@@ -82,6 +82,30 @@ def rng():
     return _rng
 
 
+def get_rng_state():
+    """The host generator's exact position as a JSON-able dict (its bit generator's state)."""
+    return _rng.bit_generator.state
+
+
+def set_rng_state(state):
+    """Put the host generator at ``state``, a ``get_rng_state()`` dict: the draws that follow
+    repeat those that followed when it was taken. Raises ValueError, changing nothing, when
+    ``state`` is not one."""
+    global _rng
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    bitgen_cls = getattr(np.random, name, None) if isinstance(name, str) else None
+    if bitgen_cls is None or not isinstance(bitgen_cls, type) \
+            or not issubclass(bitgen_cls, np.random.BitGenerator):
+        raise ValueError(f"set_rng_state: expected a dict from get_rng_state() naming a NumPy "
+                         f"bit generator, got {str(state)[:80]}")
+    bitgen = bitgen_cls()
+    try:
+        bitgen.state = state
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"set_rng_state: the {name} state does not fit: {e}") from None
+    _rng = np.random.Generator(bitgen)
+
+
 # --- devices -----------------------------------------------------------------------------------
 
 class Device:

@@ -396,6 +396,7 @@ class DataLoader:
             images, labels = to_device(images, device), to_device(labels, device)
         self.images, self.labels = images, labels
         self.xp = get_array_module(images)
+        self.last_order = None
 
     @property
     def device(self):
@@ -410,11 +411,27 @@ class DataLoader:
         n = len(self.labels)
         order = rng().permutation(n) if self.shuffle else np.arange(n)
         # Drawn now, not at the first next(), so the order depends only on when iter() was called.
+        self.last_order = order
         return self._batches(self.xp.asarray(order))
 
-    def _batches(self, order):
+    def iter_from(self, order, start=0):
+        """The batches of a pass in ``order`` (a permutation of the sample indices, such as
+        ``last_order``, the one the latest ``iter()`` drew), from batch ``start`` on; draws
+        nothing from the generator. ``fit`` resumes a pass with it."""
+        order = np.asarray(order)
+        n = len(self.labels)
+        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+            raise ValueError(f"DataLoader.iter_from: expected a permutation of {n} indices, got "
+                             f"an array of shape {order.shape} that is not one")
+        if not 0 <= start <= len(self):
+            raise ValueError(f"DataLoader.iter_from: expected start in [0, {len(self)}], "
+                             f"got {start!r}")
+        self.last_order = order
+        return self._batches(self.xp.asarray(order), start)
+
+    def _batches(self, order, start=0):
         bs = self.batch_size
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             idx = order[b * bs:(b + 1) * bs]
             yield (self.xp.take(self.images, idx, axis=0),
                    self.xp.take(self.labels, idx, axis=0))

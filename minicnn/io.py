@@ -4,9 +4,14 @@ Entries of the file (an uncompressed zip written by ``numpy.savez``)::
 
     model/<name>      each parameter's values, e.g. "model/0.weight"
     optim/<i>.<buf>   the optimizer's state buffers, e.g. "optim/0.exp_avg" (when saved)
+    train/<key>       arrays of the training position, e.g. "train/order" (when saved)
     __meta__          uint8 array of UTF-8 JSON: format and minicnn versions, the model's class and
                       parameter names/shapes/dtypes, the optimizer's type/hyper-parameters/step and
-                      buffer names, the scheduler's state, the user's metadata
+                      buffer names, the scheduler's and GradScaler's state, the training position
+                      (``training=``: epoch, step, generator state, ...), the user's metadata
+
+Format version 2 added the GradScaler's state and the training position. A version 1 file still
+loads (weights, optimizer, scheduler); resuming training from it raises ``CheckpointError``.
 
 ``load`` checks the whole file against the model (and optimizer, scheduler) before changing
 anything, and turns every problem into a ``CheckpointError`` that names the file.
@@ -15,6 +20,7 @@ Weights saved by PyTorch (.safetensors or .npz) load with ``load_torch_weights``
 ``minicnn/weights.py`` and re-exported here.
 """
 import contextlib
+import copy
 import json
 import os
 import struct
@@ -24,6 +30,7 @@ import zipfile
 
 import numpy as np
 
+from .amp import GradScaler
 from .errors import CheckpointError
 from .lr_scheduler import LRScheduler
 from .module import Module
@@ -31,7 +38,8 @@ from .optim import Optimizer
 from .weights import WeightsError, load_torch_weights  # noqa: F401  (public here too)
 
 FORMAT = "minicnn-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TRAINING_FORMAT_VERSION = 2       # the first version that holds the training position
 
 # what a truncated, corrupt or foreign file can raise inside numpy.load and zipfile; RuntimeError
 # covers a flipped bit read as "encrypted" or (NotImplementedError) as an unknown compression
@@ -39,9 +47,12 @@ _READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError, str
                 RuntimeError, OverflowError)
 
 
-def save(model, path, optimizer=None, scheduler=None, metadata=None):
-    """Write ``model``'s parameters to ``path``, with the optimizer's and scheduler's state and a
-    JSON-able ``metadata`` dict when given.
+def save(model, path, optimizer=None, scheduler=None, metadata=None, scaler=None, training=None):
+    """Write ``model``'s parameters to ``path``, with the optimizer's, scheduler's and
+    GradScaler's state and a JSON-able ``metadata`` dict when given.
+
+    ``training`` (used by ``fit`` to resume) is a dict of JSON-able values and NumPy arrays;
+    ``read_training`` returns it.
 
     ``path`` is used exactly as given (no ".npz" is appended). The write is atomic: a crash or
     an error leaves the previous file at ``path`` (if any) untouched and no temporary file.
@@ -49,8 +60,11 @@ def save(model, path, optimizer=None, scheduler=None, metadata=None):
     _check_arg("model", model, Module)
     _check_arg("optimizer", optimizer, Optimizer, optional=True)
     _check_arg("scheduler", scheduler, LRScheduler, optional=True)
+    _check_arg("scaler", scaler, GradScaler, optional=True)
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"save: metadata must be a dict, got {type(metadata).__name__}")
+    if training is not None and not isinstance(training, dict):
+        raise TypeError(f"save: training must be a dict, got {type(training).__name__}")
     path = os.fspath(path)
 
     state = model.state_dict()
@@ -64,8 +78,15 @@ def save(model, path, optimizer=None, scheduler=None, metadata=None):
                                   "dtype": str(value.dtype)} for name, value in state.items()]},
         "optimizer": None,
         "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "training": None,
         "metadata": metadata or {},
     }
+    if training is not None:
+        values = {k: v for k, v in training.items() if not isinstance(v, np.ndarray)}
+        train_arrays = {k: v for k, v in training.items() if isinstance(v, np.ndarray)}
+        arrays.update((f"train/{key}", value) for key, value in train_arrays.items())
+        meta["training"] = {"values": values, "arrays": list(train_arrays)}
     if optimizer is not None:
         opt_state = optimizer.state_dict()
         buffers = opt_state.pop("buffers")
@@ -80,9 +101,9 @@ def save(model, path, optimizer=None, scheduler=None, metadata=None):
     _write_atomic(path, arrays)
 
 
-def load(model, path, optimizer=None, scheduler=None):
-    """Load a checkpoint written by ``save`` into ``model`` (and ``optimizer``, ``scheduler``
-    when given); returns the user metadata dict.
+def load(model, path, optimizer=None, scheduler=None, scaler=None):
+    """Load a checkpoint written by ``save`` into ``model`` (and ``optimizer``, ``scheduler``,
+    ``scaler`` when given); returns the user metadata dict.
 
     Strict: parameter names and shapes must match the model exactly, and an optimizer or
     scheduler asked for must have its state in the file. Any problem, including a truncated or
@@ -92,6 +113,7 @@ def load(model, path, optimizer=None, scheduler=None):
     _check_arg("model", model, Module)
     _check_arg("optimizer", optimizer, Optimizer, optional=True)
     _check_arg("scheduler", scheduler, LRScheduler, optional=True)
+    _check_arg("scaler", scaler, GradScaler, optional=True)
     path = os.fspath(path)
     meta, arrays = _read(path)
 
@@ -104,9 +126,12 @@ def load(model, path, optimizer=None, scheduler=None):
         saved_class = meta["model"]["class"]
         opt_meta, sched_state, user = meta["optimizer"], meta["scheduler"], meta["metadata"]
         buffer_keys = [] if opt_meta is None else list(opt_meta["buffers"])
+        scaler_state = meta.get("scaler")
+        train_keys = list((meta.get("training") or {"arrays": []})["arrays"])
     except (KeyError, TypeError) as e:
         raise fail(f"has a malformed header ({type(e).__name__}: {e})") from None
-    expected = {f"model/{n}" for n in params} | {f"optim/{k}" for k in buffer_keys}
+    expected = ({f"model/{n}" for n in params} | {f"optim/{k}" for k in buffer_keys}
+                | {f"train/{k}" for k in train_keys})
     if set(arrays) != expected:
         raise fail(f"is inconsistent: entries missing {sorted(expected - set(arrays))}, "
                    f"unexpected {sorted(set(arrays) - expected)}")
@@ -139,13 +164,50 @@ def load(model, path, optimizer=None, scheduler=None):
             raise fail("holds no scheduler state (it was saved without scheduler=); "
                        "load it without scheduler= or save one with it")
         _check_state(fail, "scheduler", scheduler, sched_state)
+    if scaler is not None:
+        if scaler_state is None:
+            raise fail(f"holds no GradScaler state (format version {meta['format_version']}; "
+                       f"version {TRAINING_FORMAT_VERSION} saves it when save has scaler=)")
+        probe = copy.deepcopy(scaler)      # GradScaler has no check_state_dict: try it on a copy
+        try:
+            probe.load_state_dict(scaler_state)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise fail(f"has GradScaler state that does not fit: {e}") from None
 
     model.load_state_dict({name: arrays[f"model/{name}"] for name in params})
     if optimizer is not None:
         optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(sched_state)
+    if scaler is not None:
+        scaler.load_state_dict(scaler_state)
     return user
+
+
+def read_training(path):
+    """The ``training=`` dict that ``save`` wrote to ``path`` (arrays as NumPy arrays).
+
+    Raises ``CheckpointError`` when the file is unreadable, of a format version without a
+    training position (1), or saved without ``training=``.
+    """
+    path = os.fspath(path)
+    meta, arrays = _read(path)
+    version = meta["format_version"]
+    if version < TRAINING_FORMAT_VERSION:
+        raise CheckpointError(f"load: checkpoint {path!r} has format version {version}, which "
+                              f"holds no training position; resuming needs version "
+                              f"{TRAINING_FORMAT_VERSION} (its weights still load with load())")
+    training = meta.get("training")
+    try:
+        if training is None:
+            raise CheckpointError(f"load: checkpoint {path!r} holds no training position (it was "
+                                  "saved without training=, not by fit's checkpoint_dir)")
+        out = dict(training["values"])
+        out.update((k, arrays[f"train/{k}"]) for k in training["arrays"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"load: checkpoint {path!r} has a malformed training header "
+                              f"({type(e).__name__}: {e})") from None
+    return out
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -223,7 +285,7 @@ def _read(path):
         raise CheckpointError(f"load: {path!r} is an .npz archive but not a minicnn checkpoint "
                               f"(its header's format is not {FORMAT!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(f"load: {path!r} has checkpoint format version {version!r}; this "
                               f"minicnn reads versions up to {FORMAT_VERSION} (upgrade minicnn)")
     return meta, arrays

@@ -5,13 +5,17 @@ and at the end of an epoch, so a GPU step never waits for the host (except for t
 flag a ``GradScaler`` reads per step in mixed precision).
 """
 import contextlib
+import os
+import re
 import time
+import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .amp import GradScaler, autocast
-from .backend import get_array_module, to_numpy, tune_process
+from .backend import get_array_module, get_rng_state, set_rng_state, to_numpy, tune_process
+from .errors import CheckpointError
 
 
 class History:
@@ -39,14 +43,16 @@ class _Meter:
     (so a recorded CUDA graph adds to the same sums on every replay); read on demand. The
     caller counts the images, on the host."""
 
-    def __init__(self):
+    def __init__(self, sums=None, count=0):
         self.sums = None        # [sum of loss * batch size, correct predictions], float64
-        self.count = 0
+        self.count = count
+        self._start = sums      # host values to start from (a resumed epoch), set on first add
 
     def add(self, loss, logits, targets):
         xp = get_array_module(logits)
         if self.sums is None:
-            self.sums = xp.zeros(2, dtype=np.float64)
+            self.sums = (xp.zeros(2, dtype=np.float64) if self._start is None
+                         else xp.asarray(np.asarray(self._start, dtype=np.float64)))
         loss_sum, correct = self.sums[:1], self.sums[1:]      # views: the adds write in place
         if loss is not None:
             xp.add(loss_sum, loss * targets.shape[0], out=loss_sum)
@@ -55,8 +61,81 @@ class _Meter:
     def read(self):
         """(mean loss, accuracy) as Python floats: the one host sync."""
         n = max(self.count, 1)
-        loss, correct = to_numpy(self.sums) if self.sums is not None else (0.0, 0.0)
-        return float(loss) / n, float(correct) / n
+        loss, correct = self.host_sums()
+        return loss / n, correct / n
+
+    def host_sums(self):
+        """[loss sum, correct] as Python floats (a host sync)."""
+        if self.sums is None:
+            return [float(v) for v in (self._start if self._start is not None else (0.0, 0.0))]
+        return [float(v) for v in to_numpy(self.sums)]
+
+
+class _Checkpoints:
+    """The training checkpoints of one folder: ``checkpoint-<global step>.npz``, the newest
+    ``keep`` kept; each written atomically by ``minicnn.io.save``."""
+
+    _NAME = re.compile(r"checkpoint-(\d+)\.npz")
+
+    def __init__(self, directory, keep):
+        self.directory = os.fspath(directory)
+        self.keep = keep
+        os.makedirs(self.directory, exist_ok=True)
+
+    def listed(self):
+        """Paths of the checkpoints in the folder, newest (highest step) first."""
+        found = [(int(m.group(1)), name) for name in os.listdir(self.directory)
+                 if (m := self._NAME.fullmatch(name))]
+        return [os.path.join(self.directory, name) for _, name in sorted(found, reverse=True)]
+
+    def write(self, global_step, model, optimizer, scheduler, scaler, training):
+        from .io import save
+        path = os.path.join(self.directory, f"checkpoint-{global_step:09d}.npz")
+        save(model, path, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+             training=training)
+        for old in self.listed()[self.keep:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+        # temporary files of writes that a crash interrupted
+        for name in os.listdir(self.directory):
+            if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+
+    def restore(self, model, optimizer, scheduler, scaler):
+        """Load the newest readable checkpoint; its training dict and path, or (None, None) when
+        the folder holds none. An unreadable one is skipped with a warning naming it and the one
+        used instead; CheckpointError when there are some and none is readable."""
+        from .io import load, read_training
+        failed = []
+        for path in self.listed():
+            try:
+                training = read_training(path)
+                _check_training(path, training)
+                load(model, path, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            except CheckpointError as e:
+                failed.append((path, e))
+                continue
+            for bad, e in failed:
+                warnings.warn(f"fit: checkpoint {bad!r} is unreadable ({e}); resuming from "
+                              f"the one before it, {path!r}", RuntimeWarning, stacklevel=3)
+            return training, path
+        if failed:
+            raise CheckpointError("fit: resume=True found no readable checkpoint in "
+                                  f"{self.directory!r}: " + "; ".join(str(e) for _, e in failed))
+        return None, None
+
+
+_TRAINING_KEYS = ("epoch", "step", "global_step", "rng", "meter", "history")
+
+
+def _check_training(path, training):
+    missing = [k for k in _TRAINING_KEYS if k not in training]
+    if "order" not in training and training.get("step", 0) > 0:
+        missing.append("order")
+    if missing:
+        raise CheckpointError(f"load: checkpoint {path!r} has a training position without "
+                              f"the entries {missing}")
 
 
 def _check_finite(loader):
@@ -114,9 +193,35 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
     return out
 
 
+def add_checkpoint_arguments(parser):
+    """Add ``--checkpoint-dir DIR``, ``--checkpoint-every N`` and ``--resume`` to an argparse
+    parser; ``checkpoint_options(parser, args)`` turns them into ``fit``'s keyword arguments."""
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                        help="write resumable checkpoints to DIR at every epoch's end "
+                             "(the newest 2 kept)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="also write one every N training steps (needs --checkpoint-dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --checkpoint-dir (fresh if "
+                             "none); the result is the uninterrupted run's, bit for bit")
+
+
+def checkpoint_options(parser, args):
+    """``fit``'s checkpoint_dir, checkpoint_every and resume from ``add_checkpoint_arguments``'
+    flags; exits through ``parser.error`` when --resume or --checkpoint-every come without
+    --checkpoint-dir, or N is below 1."""
+    if (args.resume or args.checkpoint_every is not None) and args.checkpoint_dir is None:
+        parser.error("--resume and --checkpoint-every need --checkpoint-dir")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    return {"checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every,
+            "resume": args.resume}
+
+
 def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, scheduler=None,
         scheduler_interval="epoch", progress=True, verbose=True, log_every=20, start_epoch=0,
-        on_epoch_end=None, precision="fp32", scaler=None, cuda_graph=False):
+        on_epoch_end=None, precision="fp32", scaler=None, cuda_graph=False, checkpoint_dir=None,
+        checkpoint_every=None, keep_checkpoints=2, resume=False):
     """Train ``model`` for ``epochs`` passes over ``train_loader`` and return a ``History``.
 
     Each step: forward, loss, zero_grad, backward, optimizer step, on the model as given (fusing
@@ -132,6 +237,14 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     such as ``minicnn.fused.FusedAdam``, no Dropout) records the step as a CUDA graph after a few
     eager steps and replays it for batches of the same shape (``minicnn.fused.graph``); its
     products run on minicnn's GEMM kernel, which CuPy can capture where it cannot capture cuBLAS.
+
+    ``checkpoint_dir``: write a checkpoint there (atomically) every ``checkpoint_every`` steps
+    and at every epoch's end, keeping the newest ``keep_checkpoints``; each holds the weights,
+    optimizer, scheduler and scaler state, the epoch and step, the loader's order and the host
+    generator's state. ``resume=True`` continues from the newest readable one (a bad one is
+    skipped with a warning), or starts fresh, saying so, when there is none; the run then ends
+    with the parameters an uninterrupted run of the same call ends with, bit for bit
+    (docs/resuming.md). ``epochs`` counts from ``start_epoch`` either way.
 
     No step reads back from the device: loss and accuracy are summed there and read every
     ``log_every`` steps and at the end of the epoch (when a deferred target check raises). Calls
@@ -151,6 +264,23 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         scaler = GradScaler()
     if cuda_graph:
         _check_graphable(model, optimizer, scaler)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        if not hasattr(train_loader, "iter_from"):
+            raise TypeError(f"fit: checkpoint_dir needs a minicnn DataLoader (to resume within "
+                            f"an epoch), got {type(train_loader).__name__}")
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                             not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise ValueError(f"fit: checkpoint_every must be a positive int or None, "
+                             f"got {checkpoint_every!r}")
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) \
+                or keep_checkpoints < 1:
+            raise ValueError(f"fit: keep_checkpoints must be a positive int, "
+                             f"got {keep_checkpoints!r}")
+        checkpoints = _Checkpoints(checkpoint_dir, keep_checkpoints)
+    elif resume or checkpoint_every is not None:
+        raise ValueError("fit: resume and checkpoint_every need checkpoint_dir")
 
     def forward_precision():
         return autocast() if precision == "fp16" else contextlib.nullcontext()
@@ -159,6 +289,30 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     tune_process()
     history = History()
     meter = None
+    last_epoch = start_epoch + epochs
+    first_epoch, resumed = start_epoch + 1, None
+    if resume:
+        resumed, path = checkpoints.restore(model, optimizer, scheduler, scaler)
+        if resumed is None:
+            if verbose:
+                tqdm.write(f"fit: no checkpoint in {checkpoints.directory!r}; starting fresh")
+        else:
+            set_rng_state(resumed["rng"])
+            history.epochs = list(resumed["history"])
+            first_epoch = resumed["epoch"] + (resumed["step"] >= len(train_loader))
+            if verbose:
+                tqdm.write(f"fit: resuming from {path!r}: epoch {resumed['epoch']}, "
+                           f"step {resumed['step']}/{len(train_loader)}")
+    global_step = 0 if resumed is None else resumed["global_step"]
+
+    def training_state(epoch, step):
+        meter_sums = meter.host_sums()
+        state = {"epoch": epoch, "step": step, "global_step": global_step,
+                 "rng": get_rng_state(), "meter": meter_sums + [meter.count],
+                 "history": history.epochs}
+        if train_loader.last_order is not None:
+            state["order"] = np.asarray(train_loader.last_order)
+        return state
 
     def train_step(x, y, graphed=False):
         """Forward, loss, backward and update, with nothing read back (graphed: ``prepare_step``
@@ -187,17 +341,24 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         from .fused.graph import GraphStep
         graph = GraphStep(lambda x, y: train_step(x, y, graphed=True), optimizer.prepare_step)
     first_step = time.perf_counter()
-    for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
+    for epoch in range(first_epoch, last_epoch + 1):
         model.train()
-        if meter is None or meter.sums is None or graph is None:
+        start_step = 0
+        if resumed is not None and resumed["epoch"] == epoch:     # within this epoch
+            start_step = resumed["step"]
+            meter = _Meter(resumed["meter"][:2], resumed["meter"][2])
+            batches = train_loader.iter_from(resumed["order"], start_step)
+        elif meter is None or meter.sums is None or graph is None:
             meter = _Meter()
         else:       # the graph adds to the sums it was recorded with: zero them in place
             meter.sums[...] = 0
             meter.count = 0
+        if start_step == 0:
+            batches = iter(train_loader)
         t0 = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{start_epoch + epochs}", unit="batch",
-                   disable=not progress, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar, 1):
+        bar = tqdm(batches, desc=f"epoch {epoch}/{last_epoch}", unit="batch", initial=start_step,
+                   total=len(train_loader), disable=not progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar, start_step + 1):
             if graph is not None:
                 graph(x, y)
             else:
@@ -205,6 +366,11 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             meter.count += y.shape[0]
             if scheduler is not None and scheduler_interval == "batch":
                 scheduler.step()
+            global_step += 1
+            if checkpoints is not None and checkpoint_every is not None \
+                    and global_step % checkpoint_every == 0 and step < len(train_loader):
+                checkpoints.write(global_step, model, optimizer, scheduler, scaler,
+                                  training_state(epoch, step))
             if step % log_every == 0:
                 mean_loss, acc = read_meter()
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
@@ -224,6 +390,9 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
         row["elapsed"] = time.perf_counter() - first_step
         history.append(row)
+        if checkpoints is not None:
+            checkpoints.write(global_step, model, optimizer, scheduler, scaler,
+                              training_state(epoch, len(train_loader)))
         if verbose:
             msg = (f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, "
                    f"{row['images_per_s']:,.0f} images/s")

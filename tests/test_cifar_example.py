@@ -113,3 +113,27 @@ def test_example_rejects_a_bad_limit(example, capsys):
     with pytest.raises(SystemExit) as e:
         example["main"](["--limit", "0"])
     assert e.value.code == 2 and "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_example_resumes_from_its_checkpoints_bit_for_bit(example, cifar_dir, tmp_path, capsys):
+    """Two epochs straight, against one epoch then --resume for the second, with --amp and the
+    augmentations: the same weights, bit for bit."""
+    args = ["--limit", "8", "--batch-size", "4", "--no-progress", "--no-download", "--amp",
+            "--data-dir", str(cifar_dir)]
+    example["main"](args + ["--epochs", "2", "--save", str(tmp_path / "straight.npz")])
+    ckpt = tmp_path / "ckpt"
+    example["main"](args + ["--epochs", "1", "--checkpoint-dir", str(ckpt),
+                            "--checkpoint-every", "1"])
+    example["main"](args + ["--epochs", "2", "--checkpoint-dir", str(ckpt), "--resume",
+                            "--save", str(tmp_path / "resumed.npz")])
+    assert "resuming from" in capsys.readouterr().out
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        for key in a.files:
+            if key.startswith("model/"):
+                assert np.array_equal(a[key], b[key]), key
+
+
+def test_example_resume_needs_a_checkpoint_dir(example, capsys):
+    with pytest.raises(SystemExit):
+        example["main"](["--resume"])
+    assert "--resume and --checkpoint-every need --checkpoint-dir" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_file_layout(ckpt):
     names = ["weight", "scale", "head.weight", "head.bias"]
     assert files == ({"__meta__"} | {f"model/{n}" for n in names}
                      | {f"optim/{i}.{b}" for i in range(4) for b in ("exp_avg", "exp_avg_sq")})
-    assert meta["format"] == "minicnn-checkpoint" and meta["format_version"] == 1
+    assert meta["format"] == "minicnn-checkpoint" and meta["format_version"] == 2
     assert "minicnn_version" in meta
     assert meta["model"]["class"] == "Net"
     assert meta["model"]["parameters"][2] == {"name": "head.weight", "shape": [2, 4],

@@ -133,3 +133,21 @@ def test_example_without_mnist_or_network_trains_on_the_sample(tmp_path, monkeyp
     assert "5,000 training and 1,000 test images" in captured.out
     assert history.epochs[0]["val_accuracy"] >= 0.85
     assert not any((tmp_path / "cache").rglob("*.gz"))        # nothing half-downloaded left
+
+
+def test_example_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
+    """--checkpoint-dir writes resumable checkpoints; --resume with none there starts fresh and
+    says so, and with them continues from the newest."""
+    import runpy
+    monkeypatch.delenv("MINICNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(minicnn.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    example = runpy.run_path(str(ROOT / "examples" / "mnist.py"))
+    ckpt = tmp_path / "ckpt"
+    args = ["--no-progress", "--data-dir", str(tmp_path), "--batch-size", "256",
+            "--checkpoint-dir", str(ckpt), "--checkpoint-every", "7", "--resume"]
+    example["main"](["--epochs", "1"] + args)
+    assert "starting fresh" in capsys.readouterr().out
+    assert sorted(os.listdir(ckpt)) == ["checkpoint-000000014.npz", "checkpoint-000000020.npz"]
+    history = example["main"](["--epochs", "2"] + args)
+    assert "resuming from" in capsys.readouterr().out and len(history) == 2
