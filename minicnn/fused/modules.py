@@ -14,7 +14,8 @@ from .. import amp, ops
 from ..backend import get_array_module
 from ..layers import Conv2d, Linear, MaxPool2d, _Pool2d, check_input
 from ..module import Module
-from . import windows
+from .windows import (add_bias, col2im_matmul, im2col, maxpool2d, maxpool_blocks,
+                      maxpool_blocks_backward)
 from .ops import bias_relu, relu_backward
 
 _ONES = {}      # (array type, length, dtype) -> a (1, length) row of ones, made once and reused
@@ -38,7 +39,7 @@ def bias_then_relu(layer, y, relu):
     if relu and layer.bias is not None:
         return bias_relu(y, layer.bias.data)
     if layer.bias is not None:
-        windows.add_bias(y, layer.bias.data)
+        add_bias(y, layer.bias.data)
     if relu:
         get_array_module(y).maximum(y, 0, out=y)
     return y
@@ -75,11 +76,11 @@ class FusedConv2d(Module):
       pool over an 11x11 output reads 10x10 of it;
     - a max pool whose windows tile those (``tiles``) is applied by the convolution itself: its
       im2col orders the rows window by window, so the pool is a running maximum over contiguous
-      blocks of the product (``windows.maxpool_blocks``), and a ReLU starts that maximum at 0;
+      blocks of the product (``maxpool_blocks``), and a ReLU starts that maximum at 0;
     - otherwise a ReLU is applied in the bias's pass (``bias_relu``) and the pool runs its own
       forward on the convolution's output;
     - on the CPU, im2col copies in the input's memory order and the input gradient is
-      ``windows.col2im_matmul``, which never makes the (B*OH*OW, K) product.
+      ``col2im_matmul``, which never makes the (B*OH*OW, K) product.
     """
 
     _conv_output_shape = Conv2d.output_shape      # the convolution's shape check and messages
@@ -111,14 +112,14 @@ class FusedConv2d(Module):
         window = (*self.kernel_size, self.stride, self.padding, used)
         prec = amp.policy(self.weight.dtype)     # how to multiply: float16 operands in autocast
         x = x.astype(self.weight.dtype, copy=False)
-        cols = prec.operand(windows.im2col(x, *window, blocks))               # B*OH*OW, K
+        cols = prec.operand(im2col(x, *window, blocks))                       # B*OH*OW, K
         w = prec.operand(self._weight_matrix())                               # O, K
         y = prec.matmul(cols, w.T)                                            # B*OH*OW, O
         relu_out = argmax = None
         if blocks:              # the pool, over the th*tw blocks of the window-ordered rows
             th, tw = blocks
             y = bias_then_relu(self, y, False).reshape(th * tw, -1, O)
-            y, argmax = windows.maxpool_blocks(y, self.relu)        # the ReLU, if any, in here
+            y, argmax = maxpool_blocks(y, self.relu)        # the ReLU, if any, in here
             OH, OW = OH // th, OW // tw
         else:
             y = bias_then_relu(self, y, self.relu)
@@ -137,7 +138,7 @@ class FusedConv2d(Module):
         dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, O)                          # B*OH*OW, O
         if argmax is not None:               # dy is the pool's: to the winners, block by block
             th, tw = self.pool.kernel_size
-            dy2 = windows.maxpool_blocks_backward(dy2, argmax, th * tw).reshape(-1, O)
+            dy2 = maxpool_blocks_backward(dy2, argmax, th * tw).reshape(-1, O)
         if relu_out is not None:
             dy2 = relu_backward(dy2, relu_out)
         if self.bias is not None:
@@ -153,7 +154,7 @@ class FusedConv2d(Module):
             OH, OW = window[-1]
             dy2 = dy2.reshape(th, tw, x_shape[0], OH // th, OW // tw, O)
             dy2 = dy2.transpose(2, 3, 0, 4, 1, 5).reshape(-1, O)
-        return windows.col2im_matmul(dy2, w, x_shape, *window, matmul=prec.matmul)
+        return col2im_matmul(dy2, w, x_shape, *window, matmul=prec.matmul)
 
     def extra_repr(self):
         return (Conv2d.extra_repr(self) + f", relu={self.relu}"
@@ -195,7 +196,7 @@ class FusedLinear(Linear):
 class FusedMaxPool2d(MaxPool2d):
     """y = relu(pool(x)) with ``relu``, else pool(x), for a MaxPool2d ``pool``: the ReLU folded
     into the running maximum, which starts at 0, and the work split between threads on the CPU
-    (``windows.maxpool2d``). Backward is MaxPool2d's: where no value beat 0 the argmax is -1 and
+    (``maxpool2d``). Backward is MaxPool2d's: where no value beat 0 the argmax is -1 and
     nothing is sent back, as the ReLU's backward would."""
 
     def __init__(self, pool, relu=False):
@@ -206,7 +207,7 @@ class FusedMaxPool2d(MaxPool2d):
         self.relu = bool(relu)
 
     def forward(self, x):
-        y, argmax = windows.maxpool2d(x, *self.window(x), self.relu)
+        y, argmax = maxpool2d(x, *self.window(x), self.relu)
         if self.training:
             self._cache = (argmax, x.shape)
         return y
