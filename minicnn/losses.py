@@ -7,6 +7,22 @@ from .backend import get_array_module
 from .module import ShapeError
 
 
+def check_logits_and_targets(name, logits, targets):
+    """Raise, naming ``name``, unless logits is (B, K) and targets (B,) integer class indices;
+    -> (B, K)."""
+    if getattr(logits, "ndim", None) != 2:
+        raise ShapeError(f"{name}: expected logits of shape (B, K), got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    B, K = logits.shape
+    if getattr(targets, "shape", None) != (B,):
+        raise ShapeError(f"{name}: expected targets of shape ({B},) to match logits "
+                         f"{tuple(logits.shape)}, got "
+                         f"{getattr(targets, 'shape', type(targets).__name__)}")
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer class indices, got dtype {targets.dtype}")
+    return B, K
+
+
 def cross_entropy(logits, targets, smoothing=0.0, grad_scale=None):
     """Cross-entropy of softmax(logits) against class indices, per sample, and its gradient.
 
@@ -55,16 +71,7 @@ class CrossEntropyLoss:
     def forward(self, logits, targets):
         name = type(self).__name__
         xp = get_array_module(logits)
-        if getattr(logits, "ndim", None) != 2:
-            raise ShapeError(f"{name}: expected logits of shape (B, K), got "
-                             f"{getattr(logits, 'shape', type(logits).__name__)}")
-        B, K = logits.shape
-        if getattr(targets, "shape", None) != (B,):
-            raise ShapeError(f"{name}: expected targets of shape ({B},) to match logits "
-                             f"{tuple(logits.shape)}, got "
-                             f"{getattr(targets, 'shape', type(targets).__name__)}")
-        if targets.dtype.kind not in "iu":
-            raise TypeError(f"{name}: expected integer class indices, got dtype {targets.dtype}")
+        B, K = check_logits_and_targets(name, logits, targets)
         per_sample, grad, invalid = self._per_sample(logits, targets)
         if xp is np:
             if invalid[0]:

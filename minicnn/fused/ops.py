@@ -158,18 +158,12 @@ def softmax_cross_entropy_kernel(logits, targets, smoothing=0.0, grad_scale=None
 def _check_softmax_cross_entropy(logits, targets, smoothing, grad_scale):
     """-> targets as int64, smoothing and grad_scale as floats."""
     name = "softmax_cross_entropy"
-    if getattr(logits, "ndim", None) != 2 or 0 in logits.shape:
+    B, K = losses.check_logits_and_targets(name, logits, targets)
+    if B == 0 or K == 0:
         raise ShapeError(f"{name}: expected logits of shape (B, K), B, K >= 1, got "
-                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+                         f"{tuple(logits.shape)}")
     if logits.dtype.kind != "f":
         raise TypeError(f"{name}: expected floating-point logits, got {logits.dtype}")
-    B = logits.shape[0]
-    if getattr(targets, "shape", None) != (B,):
-        raise ShapeError(f"{name}: expected targets of shape ({B},) for logits of shape "
-                         f"{tuple(logits.shape)}, got "
-                         f"{getattr(targets, 'shape', type(targets).__name__)}")
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer class indices, got dtype {targets.dtype}")
     if not (_real(smoothing) and 0 <= smoothing <= 1):
         raise ValueError(f"{name}: smoothing must be a number in [0, 1], got {smoothing!r}")
     if grad_scale is not None and not (_real(grad_scale) and math.isfinite(grad_scale)):
