@@ -519,16 +519,24 @@ def _cupy_with_nvrtc():
     return True
 
 
-@pytest.mark.skipif(not _cupy_with_nvrtc(), reason="CuPy with NVRTC is not installed here")
-def test_doctor_compiles_every_kernel_with_the_real_nvrtc():
+def _doctor_reports_every_kernel(status):
+    """Run ``python -m minicnn doctor``; assert it exits 0 and reports every kernel file and
+    dtype as ``status``; -> its output."""
     run = subprocess.run([sys.executable, "-m", "minicnn", "doctor"], capture_output=True,
                          text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"^  NVRTC +\d+\.\d+$", run.stdout, re.M), run.stdout
     for path in cuda.kernel_files():
         for dtype in ("float32", "float64"):
-            assert re.search(rf"^  {re.escape(path.name)} {dtype} +compiled", run.stdout, re.M)
-    assert "FAILED" not in run.stdout
+            assert re.search(rf"^  {re.escape(path.name)} {dtype} +{status}", run.stdout,
+                             re.M), run.stdout
+    return run.stdout
+
+
+@pytest.mark.skipif(not _cupy_with_nvrtc(), reason="CuPy with NVRTC is not installed here")
+def test_doctor_compiles_every_kernel_with_the_real_nvrtc():
+    out = _doctor_reports_every_kernel("compiled")
+    assert re.search(r"^  NVRTC +\d+\.\d+$", out, re.M), out
+    assert "FAILED" not in out
 
 
 # --- on a real GPU ----------------------------------------------------------------------------
@@ -544,14 +552,8 @@ GPU_REASON = _real_reason()
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"no usable GPU: {GPU_REASON}")
 def test_gpu_doctor_compiles_and_loads_every_kernel():
-    run = subprocess.run([sys.executable, "-m", "minicnn", "doctor"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"compute capability \d+\.\d$", run.stdout, re.M), run.stdout
-    for path in cuda.kernel_files():
-        for dtype in ("float32", "float64"):
-            assert re.search(rf"^  {re.escape(path.name)} {dtype} +compiled and loaded",
-                             run.stdout, re.M), run.stdout
+    out = _doctor_reports_every_kernel("compiled and loaded")
+    assert re.search(r"compute capability \d+\.\d$", out, re.M), out
 
 
 @pytest.mark.gpu
