@@ -16,6 +16,7 @@ ReLU folded into the pool, work split between threads) are in ``minicnn/fused/wi
 """
 import contextlib
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -71,36 +72,40 @@ def _add_windows(piece, x_shape, kh, kw, stride, pad, dtype):
     return dxp[:, :, ph:ph + H, pw:pw + W]
 
 
-_products_by_kernel = 0     # depth of the products_by_kernel() blocks being run
+_kernel_products = []      # the function of each products_by_kernel() block run, innermost last
 
 
 def matmul(a, b):
     """The matrix product of the layers: a (..., M, K) @ b (..., K, N) -> (..., M, N).
 
     NumPy arrays: ``np.matmul(a, b)``, the reference. CuPy arrays: ``a @ b`` (cuBLAS), or, inside
-    ``products_by_kernel()``, ``matmul_kernel(a, b)`` (kernels/gemm.cu), which takes the shapes
-    listed there.
+    ``products_by_kernel()``, the GEMM kernel that block names: ``matmul_kernel(a, b)``
+    (kernels/gemm.cu) unless it names another; both take the shapes listed there.
     """
     if get_array_module(a) is np:
         return np.matmul(a, b)
-    if _products_by_kernel:
-        return matmul_kernel(a, b)
+    if _kernel_products:
+        return (_kernel_products[-1] or matmul_kernel)(a, b)
     return a @ b
 
 
 @contextlib.contextmanager
-def products_by_kernel():
-    """Within this block, ``matmul`` of CuPy arrays runs minicnn's GEMM kernel, not cuBLAS.
+def products_by_kernel(matmul=None):
+    """Within this block, ``matmul`` of CuPy arrays runs a GEMM kernel of minicnn, not cuBLAS.
 
-    The CUDA-graph training step (minicnn/fused/graph.py) runs inside it: CuPy refuses every cuBLAS
-    call while a stream is being captured, and the kernel is an ordinary launch. Blocks nest.
+    ``matmul(a, b)`` is the function that runs the products: the fast tier passes its own
+    (``minicnn.fused.gemm.matmul_tiled``); None keeps the enclosing block's, or, outside any,
+    ``matmul_kernel`` (kernels/gemm.cu). The CUDA-graph training step (minicnn/fused/graph.py)
+    runs inside such a block: CuPy refuses every cuBLAS call while a stream is being captured,
+    and a kernel is an ordinary launch. Blocks nest; the innermost one's function is used.
     """
-    global _products_by_kernel
-    _products_by_kernel += 1
+    if matmul is None and _kernel_products:
+        matmul = _kernel_products[-1]
+    _kernel_products.append(matmul)
     try:
         yield
     finally:
-        _products_by_kernel -= 1
+        _kernel_products.pop()
 
 
 def im2col(x, kh, kw, stride=(1, 1), pad=(0, 0)):
@@ -202,7 +207,7 @@ GEMM_TILE = 16      # kernels/gemm.cu: one block of GEMM_TILE**2 threads per til
 
 
 def _gemm_operand(x):
-    """(memory, trans) for one operand of kernels/gemm.cu: x itself when C-contiguous; when x
+    """(memory, trans) for one operand of the GEMM kernels: x itself when C-contiguous; when x
     is a transposed view of C-contiguous memory (``w.T``, the usual weight operand), that memory
     with trans=1, read in place; otherwise a C-contiguous copy."""
     if x.flags.c_contiguous:
@@ -213,14 +218,24 @@ def _gemm_operand(x):
     return get_array_module(x).ascontiguousarray(x), 0
 
 
-def matmul_kernel(a, b, launch=None):
-    """``np.matmul(a, b)`` by kernels/gemm.cu -> C-contiguous (..., M, N), a's dtype.
+class _GemmLayout(NamedTuple):
+    """np.matmul(a, b) as the GEMM kernels (kernels/gemm.cu, kernels/gemm_tiled.cu) take it."""
+    shape: tuple            # C's: batch dimensions + (M, N)
+    batch: int
+    M: int
+    N: int
+    K: int
+    a: object               # the memory of each operand (``_gemm_operand``) ...
+    b: object
+    stride_a: int           # ... its elements between products: 0 for a shared 2-D operand
+    stride_b: int
+    trans_a: int
+    trans_b: int
 
-    Shapes: (M, K) @ (K, N); (..., M, K) @ (K, N) and (M, K) @ (..., K, N), the 2-D operand
-    shared by every product of the batch; (..., M, K) @ (..., K, N) with equal batch dimensions.
-    Both float32 or both float64. Each element of C is summed by one thread over k in
-    increasing order: the same bits on every run.
-    """
+
+def _gemm_layout(a, b):
+    """Check that the GEMM kernels take ``a @ b`` (raising what ``matmul_kernel`` documents)
+    and lay it out for them: a ``_GemmLayout``."""
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or (
             a.ndim > 2 and b.ndim > 2 and a.shape[:-2] != b.shape[:-2]):
         raise ValueError(f"matmul: cannot multiply arrays of shapes {tuple(a.shape)} and "
@@ -230,16 +245,28 @@ def matmul_kernel(a, b, launch=None):
         raise TypeError(f"matmul: both operands must have one dtype, got {a.dtype} and {b.dtype}")
     (M, K), N = a.shape[-2:], b.shape[-1]
     batch_shape = a.shape[:-2] if a.ndim > 2 else b.shape[:-2]
-    batch = math.prod(batch_shape)
-    c = get_array_module(a).empty(batch_shape + (M, N), dtype=a.dtype)
+    (a_mem, trans_a), (b_mem, trans_b) = _gemm_operand(a), _gemm_operand(b)
+    # stride 0: a 2-D operand is the same matrix for every product of the batch
+    return _GemmLayout(batch_shape + (M, N), math.prod(batch_shape), M, N, K, a_mem, b_mem,
+                       M * K if a.ndim > 2 else 0, K * N if b.ndim > 2 else 0, trans_a, trans_b)
+
+
+def matmul_kernel(a, b, launch=None):
+    """``np.matmul(a, b)`` by kernels/gemm.cu -> C-contiguous (..., M, N), a's dtype.
+
+    Shapes: (M, K) @ (K, N); (..., M, K) @ (K, N) and (M, K) @ (..., K, N), the 2-D operand
+    shared by every product of the batch; (..., M, K) @ (..., K, N) with equal batch dimensions.
+    Both float32 or both float64. Each element of C is summed by one thread over k in
+    increasing order: the same bits on every run.
+    """
+    g = _gemm_layout(a, b)
+    c = get_array_module(a).empty(g.shape, dtype=a.dtype)
     if c.size == 0:
         return c
-    (a_mem, trans_a), (b_mem, trans_b) = _gemm_operand(a), _gemm_operand(b)
-    tiles = batch * -(-M // GEMM_TILE) * -(-N // GEMM_TILE)
-    # stride 0: a 2-D operand is the same matrix for every product of the batch
-    (launch or cuda.launch)("gemm.cu", "gemm", tiles * cuda.THREADS_PER_BLOCK, a_mem, b_mem, c,
-                            batch, M, N, K, M * K if a.ndim > 2 else 0,
-                            K * N if b.ndim > 2 else 0, M * N, trans_a, trans_b)
+    tiles = g.batch * -(-g.M // GEMM_TILE) * -(-g.N // GEMM_TILE)
+    (launch or cuda.launch)("gemm.cu", "gemm", tiles * cuda.THREADS_PER_BLOCK, g.a, g.b, c,
+                            g.batch, g.M, g.N, g.K, g.stride_a, g.stride_b, g.M * g.N,
+                            g.trans_a, g.trans_b)
     return c
 
 

@@ -382,6 +382,37 @@ def _kernel_gemm(where, r, dtype, i, cmp):
         ops.matmul(a, x.transpose(0, 1, 3, 2)), tol)
 
 
+def _kernel_gemm_tiled(where, r, dtype, i, cmp):
+    """fused.gemm.matmul_tiled (kernels/gemm_tiled.cu) on shapes that K does not split: random
+    sizes up to 150 (across several 64x64 tiles), transposed views, a batch."""
+    from .fused.gemm import matmul_tiled
+    M, K, N = (int(v) for v in r.integers(1, 150, size=3))
+    a, b = normal(r, (M, K), dtype), normal(r, (K, N), dtype)
+    tol = F64 if dtype == np.float64 else F32_SUMS
+    want = ops.matmul(a, b)
+    transposed = {"a": where.put(np.ascontiguousarray(a.T)).T,
+                  "b": where.put(np.ascontiguousarray(b.T)).T}
+    for label, da, db in ((f"({M}, {K}) @ ({K}, {N})", where.put(a), where.put(b)),
+                          ("both transposed views", transposed["a"], transposed["b"])):
+        cmp(label, matmul_tiled(da, db, launch=where.launch), want, tol)
+    x = normal(r, (3, M, K), dtype)
+    cmp(f"{x.shape} @ ({K}, {N})", matmul_tiled(where.put(x), where.put(b), launch=where.launch),
+        ops.matmul(x, b), tol)
+
+
+def _kernel_gemm_tiled_reduce(where, r, dtype, i, cmp):
+    """matmul_tiled on products whose K is split (fused.gemm.TILING.split), as a convolution's
+    weight gradient cols.T @ dy: the partial products, then gemm_tiled_reduce's sums."""
+    from .fused.gemm import TILING, matmul_tiled
+    M, N = int(r.integers(1, 70)), int(r.integers(1, 70))
+    K = int(r.integers(2 * TILING.split_min_k, 5 * TILING.split_min_k))
+    stored, b = normal(r, (K, M), dtype), normal(r, (K, N), dtype)
+    tol = F64 if dtype == np.float64 else F32_SUMS
+    splits = TILING.split(1, M, N, K)[0]
+    got = matmul_tiled(where.put(stored).T, where.put(b), launch=where.launch)  # as cols.T
+    cmp(f"({M}, {K}) @ ({K}, {N}), K in {splits} slices", got, ops.matmul(stored.T, b), tol)
+
+
 KERNELS = {  # kernel name in kernels/*.cu -> its case
     "im2col": _kernel_im2col,
     "col2im": _kernel_col2im,
@@ -396,6 +427,8 @@ KERNELS = {  # kernel name in kernels/*.cu -> its case
     "softmax_cross_entropy": _kernel_softmax_cross_entropy,
     "adam_multi_tensor": _kernel_adam_multi_tensor,
     "gemm": _kernel_gemm,
+    "gemm_tiled": _kernel_gemm_tiled,
+    "gemm_tiled_reduce": _kernel_gemm_tiled_reduce,
 }
 
 
@@ -577,11 +610,20 @@ def two_runs_identical(device):
     return run
 
 
+def _products(kernel):
+    """The ``ops.products_by_kernel`` block of ``kernel``: None (cuBLAS, no block), "reference"
+    (kernels/gemm.cu) or "tiled" (kernels/gemm_tiled.cu)."""
+    if kernel is None:
+        return contextlib.nullcontext()
+    from .fused.gemm import matmul_tiled
+    return ops.products_by_kernel({"reference": ops.matmul_kernel, "tiled": matmul_tiled}[kernel])
+
+
 def fit_on_gpu(env, cuda_graph, kernel_products):
     """(parameters, [(train_loss, train_accuracy) per epoch]) of ``fit`` on the GPU: 1,000 bundled
     images at batch 128 (7 full batches, then one of 104 that runs eagerly), a one-cycle learning
-    rate changed every step; the fused network (``minicnn.fuse``) and loss; memoised per
-    arguments."""
+    rate changed every step; the fused network (``minicnn.fuse``) and loss; the products by
+    ``kernel_products`` (``_products``); memoised per arguments."""
     key = ("fit", cuda_graph, kernel_products)
     if key not in env.memo:
         from . import DataLoader, OneCycleLR, fit, mnist_sample
@@ -595,7 +637,7 @@ def fit_on_gpu(env, cuda_graph, kernel_products):
             loader = DataLoader(mnist_sample(train=False), batch_size=128, shuffle=True,
                                 device="cuda")
             sched = OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * len(loader))
-            with ops.products_by_kernel() if kernel_products else contextlib.nullcontext():
+            with _products(kernel_products):
                 history = fit(model, CrossEntropyLoss(), opt, loader, epochs=epochs,
                               scheduler=sched, scheduler_interval="batch", progress=False,
                               verbose=False, cuda_graph=cuda_graph)
@@ -605,12 +647,12 @@ def fit_on_gpu(env, cuda_graph, kernel_products):
 
 
 def check_graph_against_eager(env):
-    """fit(cuda_graph=True) against fit(), both with kernel products: bit-identical."""
-    # The recorded step computes its products with the GEMM kernel (GraphStep), so the eager run
-    # must too: cuBLAS sums in other orders.
-    eager, eager_rows = fit_on_gpu(env, False, True)
+    """fit(cuda_graph=True) against fit(), both with the tiled kernel's products: bit-identical."""
+    # The recorded step computes its products with the tiled GEMM kernel (GraphStep's choice, here
+    # that of the enclosing block too), so the eager run must too: cuBLAS sums in other orders.
+    eager, eager_rows = fit_on_gpu(env, False, "tiled")
     try:
-        graphed, graph_rows = fit_on_gpu(env, True, True)
+        graphed, graph_rows = fit_on_gpu(env, True, "tiled")
     except ValueError as e:           # fit refused: this step cannot be recorded here
         return Outcome(failures=[f"fit(cuda_graph=True) cannot record the step: {e}"])
     cmp = Compare()
@@ -621,13 +663,15 @@ def check_graph_against_eager(env):
 
 
 def check_kernel_products_against_cublas(env):
-    """Eager fit with minicnn's GEMM kernel against eager fit with cuBLAS: float32 rounding."""
-    ours, _ = fit_on_gpu(env, False, True)
-    theirs, _ = fit_on_gpu(env, False, False)
+    """Eager fit with each of minicnn's GEMM kernels against eager fit with cuBLAS: float32
+    rounding."""
+    theirs, _ = fit_on_gpu(env, False, None)
     cmp = Compare()
-    for j, (a, b) in enumerate(zip(ours, theirs)):
-        cmp(f"parameter {j} {b.shape}", a, b, TRAIN_F32)
-    return cmp.outcome("parameters after the same steps")
+    for kernel in ("reference", "tiled"):
+        ours, _ = fit_on_gpu(env, False, kernel)
+        for j, (a, b) in enumerate(zip(ours, theirs)):
+            cmp(f"{kernel} kernel, parameter {j} {b.shape}", a, b, TRAIN_F32)
+    return cmp.outcome("parameters after the same steps, reference and tiled kernel")
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -635,10 +679,11 @@ def check_kernel_products_against_cublas(env):
 TIMING_BATCH = 128
 
 
-def _minicnn_step(x, y, graph, fast=True):
+def _minicnn_step(x, y, graph, fast=True, matmul=None):
     """One training step of mnist_cnn on the GPU batch (x, y); with ``graph``, recorded once as a
-    CUDA graph and replayed (the step of ``fit(cuda_graph=True)``). ``fast``: the fused network
-    (``minicnn.fuse``), FusedAdam and the fused loss; else the plain ones."""
+    CUDA graph and replayed (the step of ``fit(cuda_graph=True)``), its products by ``matmul``
+    (None: GraphStep's choice, the tiled kernel). ``fast``: the fused network (``minicnn.fuse``),
+    FusedAdam and the fused loss; else the plain ones."""
     from . import Adam, CrossEntropyLoss
     from .fused.graph import GraphStep
     from .models import mnist_cnn
@@ -652,7 +697,7 @@ def _minicnn_step(x, y, graph, fast=True):
         model.backward(loss_fn.backward(), input_grad=False)
         opt.apply_step()
     if graph:
-        recorded = GraphStep(body, opt.prepare_step)
+        recorded = GraphStep(body, opt.prepare_step, matmul=matmul)
         return lambda: recorded(x, y)
     return lambda: (opt.prepare_step(), body(x, y))
 
@@ -694,7 +739,8 @@ def _torch_step(x, y):
 @dataclass
 class Contender:
     """A column of the timing table: ``make()`` builds its step function; ``context`` is entered
-    around making and around every timed run (the kernel products, for minicnn's graph)."""
+    around making and around every timed run (the reference kernel's products, for an eager
+    minicnn step)."""
     name: str
     make: object
     context: object = contextlib.nullcontext
@@ -702,8 +748,9 @@ class Contender:
 
 def timing(env):
     """images/s of training steps at batch 128: the plain minicnn network eager (cuBLAS
-    products); the fused one (``minicnn.fuse``) eager, eager with kernel products, and as a CUDA
-    graph (kernel products); PyTorch fp32. Each figure is the median
+    products); the fused one (``minicnn.fuse``) eager, eager with the reference GEMM kernel's
+    products, and as a CUDA graph with the reference kernel's and with the tiled kernel's
+    products; PyTorch fp32. Each figure is the median
     over repeats of the rate of a run of steps; the contenders take turns in every repeat so that
     a slow spell of the machine hits them all. The device is synchronised before each clock read."""
     import cupy
@@ -717,10 +764,12 @@ def timing(env):
         Contender("minicnn plain eager, cuBLAS products",
                   lambda: _minicnn_step(gx, gy, False, fast=False)),
         Contender("minicnn fused eager, cuBLAS products", lambda: _minicnn_step(gx, gy, False)),
-        Contender("minicnn fused eager, kernel products", lambda: _minicnn_step(gx, gy, False),
-                  ops.products_by_kernel),
-        # GraphStep itself computes the products of the step it records with the GEMM kernel
-        Contender("minicnn fused CUDA graph, kernel products",
+        Contender("minicnn fused eager, reference kernel products",
+                  lambda: _minicnn_step(gx, gy, False), ops.products_by_kernel),
+        Contender("minicnn fused CUDA graph, reference kernel products",
+                  lambda: _minicnn_step(gx, gy, True, matmul=ops.matmul_kernel)),
+        # GraphStep itself computes the products of the step it records with the tiled kernel
+        Contender("minicnn fused CUDA graph, tiled kernel products",
                   lambda: _minicnn_step(gx, gy, True)),
     ]
     torch_reason = torch_unusable_reason()

@@ -6,6 +6,8 @@ allocations the graph does not keep, state first made by the recorded step. Firs
 itself is shown strict, then the real step (``fit(cuda_graph=True)``, ``GraphStep`` and
 ``CudaRecorder``) is recorded under it, with every kernel run by the emulator: of the plain
 example network with the plain loss, and of the fused one (``minicnn.fuse``) with the fused loss.
+The recorded step computes its products with the fast tier's GEMM kernel (kernels/gemm_tiled.cu,
+split-K included), or with the one an enclosing ``ops.products_by_kernel`` block names.
 """
 import contextlib
 
@@ -14,7 +16,9 @@ import pytest
 
 import minicnn
 from minicnn import ops
+from minicnn import cuda
 from minicnn.fused import FusedAdam, graph
+from minicnn.fused.gemm import matmul_tiled
 from minicnn.data import ArrayDataset, DataLoader
 from minicnn.models import mnist_cnn
 from minicnn.testing import emulator
@@ -122,9 +126,10 @@ NETWORKS = {"plain": (mnist_cnn, minicnn.CrossEntropyLoss),
             "fused": (_fused_example, minicnn.fused.CrossEntropyLoss)}
 
 
-def _fit(cuda_graph, make_model=mnist_cnn, n=40, batch=8, steps_by_kernel=True,
+def _fit(cuda_graph, make_model=mnist_cnn, n=40, batch=8, products=matmul_tiled,
          make_loss=minicnn.CrossEntropyLoss):
-    """One epoch at ``batch`` over ``n`` random images, float64, on the fake GPU."""
+    """One epoch at ``batch`` over ``n`` random images, float64, on the fake GPU, inside
+    ``ops.products_by_kernel(products)`` (None: outside any such block)."""
     minicnn.set_default_dtype(np.float64)
     minicnn.seed(0)
     model = make_model().to("cuda")
@@ -132,31 +137,76 @@ def _fit(cuda_graph, make_model=mnist_cnn, n=40, batch=8, steps_by_kernel=True,
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.standard_normal((n, 1, 28, 28)), rng.integers(0, 10, n))
     loader = DataLoader(data, batch_size=batch, device="cuda")
-    products = ops.products_by_kernel() if steps_by_kernel else contextlib.nullcontext()
-    with products:
+    block = ops.products_by_kernel(products) if products else contextlib.nullcontext()
+    with block:
         history = minicnn.fit(model, make_loss(), opt, loader, epochs=1,
                               progress=False, verbose=False, cuda_graph=cuda_graph)
     return [minicnn.to_numpy(p.data) for p in model.parameters()], history
+
+
+class _KernelNames:
+    """Within the block, ``names`` lists the kernel of every launch (through the fake's launch)."""
+
+    def __enter__(self):
+        self.names, self._launch = [], cuda.launch
+
+        def recording(file, name, n, *args):
+            self.names.append(name)
+            return self._launch(file, name, n, *args)
+        cuda.launch = recording
+        return self
+
+    def __exit__(self, *exc):
+        cuda.launch = self._launch
 
 
 @pytest.mark.parametrize("network", NETWORKS)
 def test_the_example_network_records_and_trains_like_the_eager_step(cupy, network):
     """Five batches of 8 and one of 4: three warm-up steps, the fourth recorded and launched, the
     fifth a replay, the last (another shape) eager. Recorded and replayed under the capture
-    rules, the step gives the eager run's parameters (same products) to the last bit."""
+    rules, the step gives the parameters of the eager run with the same products (the tiled
+    kernel, which the graph step picks itself) to the last bit."""
     make_model, make_loss = NETWORKS[network]
-    (eager, eager_hist), (graphed, graph_hist) = (
-        _fit(cuda_graph, make_model, n=44, make_loss=make_loss) for cuda_graph in (False, True))
+    eager, eager_hist = _fit(False, make_model, n=44, make_loss=make_loss, products=matmul_tiled)
+    with _KernelNames() as launched:
+        graphed, graph_hist = _fit(True, make_model, n=44, make_loss=make_loss, products=None)
     for a, b in zip(eager, graphed):
         np.testing.assert_array_equal(a, b)
     assert eager_hist.epochs[0]["train_loss"] == graph_hist.epochs[0]["train_loss"]
+    # the weight gradient of the first convolution, (9, 5408) @ (5408, 32), splits K
+    assert {"gemm_tiled", "gemm_tiled_reduce"} <= set(launched.names)
+    assert "gemm" not in launched.names
+
+
+def test_an_enclosing_block_chooses_the_graph_steps_kernel(cupy):
+    """Inside ``ops.products_by_kernel()`` (the reference kernel, kernels/gemm.cu) the recorded
+    step uses that kernel, so it stays bit-identical with an eager run in the same block;
+    ``GraphStep(matmul=...)`` names one itself; by default it picks the tiled kernel."""
+    rng = np.random.default_rng(3)
+    w, x = cupy.asarray(rng.standard_normal((7, 40))), cupy.asarray(rng.standard_normal((40, 9)))
+    out = cupy.empty((7, 9))
+
+    def body(a, b):
+        out[...] = ops.matmul(w, a)
+    with ops.products_by_kernel():
+        body(x, x)
+        eager = out.get()
+        with _KernelNames() as launched:
+            step = graph.GraphStep(body, lambda: None, warmup=1)
+            for _ in range(3):                  # warm-up, record and launch, replay
+                step(x, x)
+    # the warm-up, the recording, and the stand-in graph's two launches (each runs the step again)
+    assert launched.names == ["gemm"] * 4 and step.replays == 2
+    np.testing.assert_array_equal(out.get(), eager)
+    assert graph.GraphStep(body, None, matmul=ops.matmul_kernel)._products() is ops.matmul_kernel
+    assert graph.GraphStep(body, None)._products() is matmul_tiled
 
 
 def test_cublas_products_in_the_recorded_step_are_caught(cupy, monkeypatch):
     """Without the kernel products, the step's first product is refused, as CuPy would."""
     monkeypatch.setattr(ops, "products_by_kernel", contextlib.nullcontext)
     with pytest.raises(CaptureViolation, match="matrix product through CuPy"):
-        _fit(True, steps_by_kernel=False)
+        _fit(True, products=None)
 
 
 def _batchnorm_net():

@@ -64,6 +64,7 @@ def assert_matmul_close(got, op_a, op_b, what):
     K = op_a.shape[-1]
     rtol = 1e-12 if got.dtype == np.float64 else 2 * K * 2.0**-24
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    assert got.flags.c_contiguous and got.dtype == op_a.dtype, what
     assert not np.isnan(got).any(), f"{what}: {np.isnan(got).sum()} elements NaN (never written?)"
     err = np.abs(got - want)
     bad = err > rtol * scale
@@ -239,7 +240,8 @@ def test_matmul_kernel_empty_and_k0():
 
 
 def test_matmul_dispatch(monkeypatch):
-    """NumPy arrays: np.matmul. Others: ``@``, or matmul_kernel inside products_by_kernel()."""
+    """NumPy arrays: np.matmul. Others: ``@``, or inside products_by_kernel() the function that
+    block names: matmul_kernel when it names none; an inner block without one keeps the outer's."""
     rng = np.random.default_rng(11)
     a, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
     assert np.array_equal(ops.matmul(a, b), a @ b)
@@ -248,17 +250,32 @@ def test_matmul_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(ops, "get_array_module", lambda x: "not numpy")
     monkeypatch.setattr(ops, "matmul_kernel", lambda x, y: calls.append("kernel") or x @ y)
+
+    def tiled(x, y):
+        calls.append("tiled")
+        return x @ y
     ops.matmul(a, b)
     assert calls == []
     with ops.products_by_kernel():
         with ops.products_by_kernel():
             ops.matmul(a, b)
         ops.matmul(a, b)
-    assert calls == ["kernel", "kernel"]
-    with pytest.raises(RuntimeError), ops.products_by_kernel():
+        with ops.products_by_kernel(tiled):
+            ops.matmul(a, b)
+    assert calls == ["kernel", "kernel", "tiled"]
+    calls.clear()
+    with ops.products_by_kernel(tiled):
+        with ops.products_by_kernel():                   # keeps the enclosing block's
+            ops.matmul(a, b)
+        with ops.products_by_kernel(ops.matmul_kernel):
+            ops.matmul(a, b)
+        ops.matmul(a, b)
+    assert calls == ["tiled", "kernel", "tiled"]
+    with pytest.raises(RuntimeError), ops.products_by_kernel(tiled):
         raise RuntimeError
+    calls.clear()
     ops.matmul(a, b)
-    assert calls == ["kernel", "kernel"] and ops._products_by_kernel == 0
+    assert calls == [] and ops._kernel_products == []
 
 
 def test_one_block_of_threads_is_one_tile():

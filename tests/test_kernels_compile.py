@@ -71,3 +71,9 @@ def test_no_register_spills(file, dtype, tmp_path):
         assert report[name] == (0, 0), (f"kernel {name} spills ({report[name][0]} bytes stored, "
                                         f"{report[name][1]} bytes loaded) in {where}")
         assert name in registers, f"no register count for kernel {name} of {where}"
+
+
+def test_every_kernel_file_is_compiled():
+    """FILES is read from kernels/ itself: a new file (gemm_tiled.cu, say) is checked too."""
+    assert FILES == sorted(p.name for p in cuda.kernel_dir().glob("*.cu"))
+    assert {"gemm.cu", "gemm_tiled.cu"} <= set(FILES)

@@ -19,8 +19,10 @@ the host happens once only. That sets three rules, and this module keeps them:
   each replay; its update kernel reads them from there (``FusedAdam``/``FusedAdamW``).
 
 - No cuBLAS. CuPy refuses to call cuBLAS while a stream is capturing, so every matrix product
-  of the step, from the first warm-up on, goes through minicnn's own GEMM kernel
-  (``kernels/gemm.cu``, chosen by ``ops.products_by_kernel``).
+  of the step, from the first warm-up on, goes through a GEMM kernel of minicnn, chosen by
+  ``ops.products_by_kernel``: the fast tier's ``kernels/gemm_tiled.cu`` (``fused.gemm``), or
+  the one an enclosing ``products_by_kernel`` block names (an eager run compared bit for bit
+  with the graph names the same).
 
 Before recording, at least one eager step runs on the capture stream so that kernels are
 compiled and loaded and the first-use state (optimizer buffers, the optimizer's pointer table,
@@ -30,6 +32,7 @@ paths train on exactly the same steps.
 """
 from .. import ops
 from ..backend import get_array_module
+from .gemm import matmul_tiled
 
 
 class GraphStep:
@@ -38,13 +41,15 @@ class GraphStep:
     ``body`` must run the whole step without reading anything back. The first ``warmup`` calls
     run it eagerly; the next one records it as a graph (``recorder``, by default a CUDA graph
     through CuPy) and every later call with batches of the same shape and dtype replays it.
+    Its products run on ``matmul`` (``ops.products_by_kernel``); None: the function of an
+    enclosing ``products_by_kernel`` block, else ``fused.gemm.matmul_tiled``.
     """
 
-    def __init__(self, body, prepare, warmup=3, recorder=None):
+    def __init__(self, body, prepare, warmup=3, recorder=None, matmul=None):
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"GraphStep: warmup must be an int >= 1 (the first step makes the "
                              f"state a recording must not make), got {warmup!r}")
-        self.body, self.prepare, self.warmup = body, prepare, warmup
+        self.body, self.prepare, self.warmup, self.matmul = body, prepare, warmup, matmul
         self.recorder = recorder if recorder is not None else CudaRecorder()
         self.replays = 0            # graph launches, the first right after recording included
         self._calls = 0
@@ -52,8 +57,14 @@ class GraphStep:
 
     def __call__(self, x, y):
         self.prepare()
-        with ops.products_by_kernel():
+        with ops.products_by_kernel(self._products()):
             self._step(x, y)
+
+    def _products(self):
+        """The product function for ``products_by_kernel``: None keeps an enclosing block's."""
+        if self.matmul is not None or ops._kernel_products:
+            return self.matmul
+        return matmul_tiled
 
     def _step(self, x, y):
         if self._x is not None and (x.shape, x.dtype, y.shape) != (self._x.shape, self._x.dtype,
