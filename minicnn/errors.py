@@ -52,3 +52,8 @@ class EmulatorError(RuntimeError):
 
 class EmulatorUnavailable(RuntimeError):
     """No C++ compiler (or no emulator header): the emulator cannot build kernels here."""
+
+
+class ExportError(ValueError):
+    """A model that cannot be written as ONNX (``minicnn.onnx.export``): names the layer by its
+    path in the model and its type, and says what is supported."""

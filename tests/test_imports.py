@@ -28,7 +28,9 @@ FAST_PATH = "minicnn.fused"
 # Above both tiers: the package itself (it re-exports both), the command line and the commands it
 # runs (selftest checks the fast path against the reference; doctor reports on every kernel), and
 # fit, the one call where a user asks for the recorded CUDA-graph step. No plain module imports them.
-ENTRY_POINTS = {"minicnn", "minicnn.__main__", "minicnn.selftest", "minicnn.doctor", "minicnn.train"}
+# minicnn.onnx exports fused models too, so it reaches the fast path
+ENTRY_POINTS = {"minicnn", "minicnn.__main__", "minicnn.selftest", "minicnn.doctor", "minicnn.train",
+                "minicnn.onnx"}
 
 
 def _modules(root):
