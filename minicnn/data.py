@@ -377,10 +377,13 @@ class DataLoader:
     ``minicnn.seed`` fixes the batch order, identically on CPU and GPU). With ``device``
     ("cpu", "cuda" or a ``Device``) the dataset's arrays are moved there once, here, and each
     batch is gathered on that device. ``len()`` is the number of batches; the last one is
-    smaller unless ``drop_last``.
+    smaller unless ``drop_last``. With ``sampler`` (an iterable of sample indices with a
+    ``len()``, such as ``minicnn.distributed.DistributedSampler``) every pass takes the samples
+    it yields, in its order, instead of the whole dataset; ``shuffle`` must then be False.
     """
 
-    def __init__(self, dataset, batch_size=64, shuffle=False, drop_last=False, device=None):
+    def __init__(self, dataset, batch_size=64, shuffle=False, drop_last=False, device=None,
+                 sampler=None):
         if not (hasattr(dataset, "images") and hasattr(dataset, "labels")):
             raise TypeError(f"DataLoader: expected an ArrayDataset (with images and labels "
                             f"arrays), got {type(dataset).__name__}")
@@ -391,6 +394,11 @@ class DataLoader:
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        if sampler is not None and (self.shuffle or not hasattr(sampler, "__len__")):
+            raise ValueError(f"DataLoader: expected a sampler with a len() and shuffle=False (the "
+                             f"sampler sets the order), got {type(sampler).__name__} with "
+                             f"shuffle={self.shuffle}")
+        self.sampler = sampler
         images, labels = dataset.images, dataset.labels
         if device is not None:
             images, labels = to_device(images, device), to_device(labels, device)
@@ -404,12 +412,15 @@ class DataLoader:
         return device_of(self.images)
 
     def __len__(self):
-        n = len(self.labels)
+        n = len(self.labels) if self.sampler is None else len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
         n = len(self.labels)
-        order = rng().permutation(n) if self.shuffle else np.arange(n)
+        if self.sampler is not None:
+            order = self._sampled()
+        else:
+            order = rng().permutation(n) if self.shuffle else np.arange(n)
         # Drawn now, not at the first next(), so the order depends only on when iter() was called.
         self.last_order = order
         return self._batches(self.xp.asarray(order))
@@ -420,7 +431,13 @@ class DataLoader:
         nothing from the generator. ``fit`` resumes a pass with it."""
         order = np.asarray(order)
         n = len(self.labels)
-        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+        if self.sampler is not None:
+            m = len(self.sampler)
+            if order.shape != (m,) or (m and not (order.dtype.kind in "iu" and 0 <= order.min()
+                                                  and order.max() < n)):
+                raise ValueError(f"DataLoader.iter_from: expected {m} sample indices in [0, {n}) "
+                                 f"(the sampler's length), got an array of shape {order.shape}")
+        elif order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
             raise ValueError(f"DataLoader.iter_from: expected a permutation of {n} indices, got "
                              f"an array of shape {order.shape} that is not one")
         if not 0 <= start <= len(self):
@@ -428,6 +445,15 @@ class DataLoader:
                              f"got {start!r}")
         self.last_order = order
         return self._batches(self.xp.asarray(order), start)
+
+    def _sampled(self):
+        """The sampler's indices for this pass as int64, checked against the dataset's size."""
+        order = np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))
+        n = len(self.labels)
+        if order.size and not (0 <= order.min() and order.max() < n):
+            raise ValueError(f"DataLoader: the sampler gave indices outside [0, {n}): "
+                             f"{order[(order < 0) | (order >= n)][:5].tolist()}")
+        return order
 
     def _batches(self, order, start=0):
         bs = self.batch_size
@@ -437,5 +463,7 @@ class DataLoader:
                    self.xp.take(self.labels, idx, axis=0))
 
     def __repr__(self):
+        sampler = "" if self.sampler is None else f", sampler={self.sampler!r}"
         return (f"DataLoader(n={len(self.labels)}, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, drop_last={self.drop_last}, device={self.device})")
+                f"shuffle={self.shuffle}, drop_last={self.drop_last}, device={self.device}"
+                f"{sampler})")

@@ -58,11 +58,16 @@ class _Meter:
             xp.add(loss_sum, loss * targets.shape[0], out=loss_sum)
         xp.add(correct, (logits.argmax(axis=1) == targets).sum(), out=correct)
 
-    def read(self):
-        """(mean loss, accuracy) as Python floats: the one host sync."""
-        n = max(self.count, 1)
+    def read(self, group=None):
+        """(mean loss, accuracy, images) as Python numbers: the one host sync. With ``group``
+        (a distributed run's ``ProcessGroup``) over all its processes: every one gets the same."""
         loss, correct = self.host_sums()
-        return loss / n, correct / n
+        count = self.count
+        if group is not None:
+            loss, correct, count = group.sum([loss, correct, count])
+            count = int(count)
+        n = max(count, 1)
+        return loss / n, correct / n, count
 
     def host_sums(self):
         """[loss sum, correct] as Python floats (a host sync)."""
@@ -138,6 +143,23 @@ def _check_training(path, training):
                               f"the entries {missing}")
 
 
+def _check_world(path, training, group):
+    """A checkpoint resumes only in a run of as many processes as wrote it: each process's
+    generator, running sums and share of the data were saved (``training["ranks"]``)."""
+    saved = len(training["ranks"]) if "ranks" in training else 1
+    size = 1 if group is None else group.size
+    if saved != size:
+        raise CheckpointError(f"fit: checkpoint {path!r} was written by a run of {saved} "
+                              f"process(es); resume it with {saved}, not {size}")
+
+
+def _set_epoch(loader, epoch):
+    """Tell the loader's sampler the epoch (a ``DistributedSampler`` draws its order from it)."""
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
+
+
 def _check_finite(loader):
     """Refuse training data with NaN or inf: it would silently poison every weight."""
     images = getattr(getattr(loader, "dataset", None), "images", None)
@@ -174,8 +196,12 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
     """Run ``model`` in eval mode over ``loader``'s (x, y) batches.
 
     Returns {"loss": mean loss (only with ``loss_fn``), "accuracy": fraction correct,
-    "images": count}. The model's train/eval mode is restored afterwards.
+    "images": count}. The model's train/eval mode is restored afterwards. A
+    ``minicnn.distributed.DistributedDataParallel`` model sums loss, correct predictions and
+    images over its processes (each evaluating its share of ``loader``): all get the same figures.
     """
+    group = getattr(model, "process_group", None)
+    progress = progress and (group is None or group.rank == 0)
     was_training = model.training
     model.eval()
     meter = _Meter()
@@ -186,8 +212,8 @@ def evaluate(model, loader, loss_fn=None, progress=False, desc="eval"):
             meter.count += y.shape[0]
     finally:
         model.train(was_training)
-    loss, acc = meter.read()
-    out = {"accuracy": acc, "images": meter.count}
+    loss, acc, images = meter.read(group)
+    out = {"accuracy": acc, "images": images}
     if loss_fn is not None:
         out["loss"] = loss
     return out
@@ -250,6 +276,12 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     ``log_every`` steps and at the end of the epoch (when a deferred target check raises). Calls
     ``minicnn.tune_process()`` first, which changes glibc's allocator for the whole process
     (``MINICNN_TUNE_PROCESS=0`` to opt out). docs/tutorial.md shows it at work.
+
+    A ``minicnn.distributed.DistributedDataParallel`` model trains on every process of its group
+    (docs/distributed.md): progress and messages come from rank 0 alone, loss, accuracy and
+    images/s are summed over the processes (every one returns the same history), checkpoints are
+    written by rank 0 and hold every process's generator and position, and the sampler of
+    ``train_loader`` is told each epoch (``set_epoch``).
     """
     if scheduler_interval not in ("epoch", "batch"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
@@ -262,6 +294,12 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                         f"got {type(scaler).__name__}")
     if precision == "fp16" and scaler is None:
         scaler = GradScaler()
+    group = getattr(model, "process_group", None)    # a DistributedDataParallel model's
+    leader = group is None or group.rank == 0
+    progress, verbose = progress and leader, verbose and leader
+    if cuda_graph and group is not None:
+        raise ValueError("fit: cuda_graph=True cannot record the step of a "
+                         "DistributedDataParallel model (its all-reduce is not recorded)")
     if cuda_graph:
         _check_graphable(model, optimizer, scaler)
     checkpoints = None
@@ -278,6 +316,10 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                 or keep_checkpoints < 1:
             raise ValueError(f"fit: keep_checkpoints must be a positive int, "
                              f"got {keep_checkpoints!r}")
+        if group is not None and not hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            raise ValueError("fit: checkpoints of a distributed run need a training DataLoader "
+                             "with a minicnn.distributed.DistributedSampler: a resumed process "
+                             "draws its share of the epoch from it again")
         checkpoints = _Checkpoints(checkpoint_dir, keep_checkpoints)
     elif resume or checkpoint_every is not None:
         raise ValueError("fit: resume and checkpoint_every need checkpoint_dir")
@@ -297,7 +339,8 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             if verbose:
                 tqdm.write(f"fit: no checkpoint in {checkpoints.directory!r}; starting fresh")
         else:
-            set_rng_state(resumed["rng"])
+            _check_world(path, resumed, group)
+            set_rng_state(resumed["rng"] if group is None else resumed["ranks"][group.rank]["rng"])
             history.epochs = list(resumed["history"])
             first_epoch = resumed["epoch"] + (resumed["step"] >= len(train_loader))
             if verbose:
@@ -312,6 +355,8 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                  "history": history.epochs}
         if train_loader.last_order is not None:
             state["order"] = np.asarray(train_loader.last_order)
+        if group is not None:       # each process's own, on rank 0, which writes
+            state["ranks"] = group.gather_object({"rng": state["rng"], "meter": state["meter"]})
         return state
 
     def train_step(x, y, graphed=False):
@@ -334,7 +379,7 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     def read_meter():
         if hasattr(loss_fn, "check"):
             loss_fn.check()
-        return meter.read()
+        return meter.read(group)
 
     graph = None
     if cuda_graph:
@@ -343,11 +388,15 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     first_step = time.perf_counter()
     for epoch in range(first_epoch, last_epoch + 1):
         model.train()
+        _set_epoch(train_loader, epoch)
         start_step = 0
         if resumed is not None and resumed["epoch"] == epoch:     # within this epoch
             start_step = resumed["step"]
-            meter = _Meter(resumed["meter"][:2], resumed["meter"][2])
-            batches = train_loader.iter_from(resumed["order"], start_step)
+            own = resumed if group is None else resumed["ranks"][group.rank]
+            meter = _Meter(own["meter"][:2], own["meter"][2])
+            order = resumed["order"] if group is None else np.fromiter(
+                train_loader.sampler, dtype=np.int64, count=len(train_loader.sampler))
+            batches = train_loader.iter_from(order, start_step)
         elif meter is None or meter.sums is None or graph is None:
             meter = _Meter()
         else:       # the graph adds to the sums it was recorded with: zero them in place
@@ -369,19 +418,20 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
             global_step += 1
             if checkpoints is not None and checkpoint_every is not None \
                     and global_step % checkpoint_every == 0 and step < len(train_loader):
-                checkpoints.write(global_step, model, optimizer, scheduler, scaler,
-                                  training_state(epoch, step))
+                state = training_state(epoch, step)
+                if leader:
+                    checkpoints.write(global_step, model, optimizer, scheduler, scaler, state)
             if step % log_every == 0:
-                mean_loss, acc = read_meter()
+                mean_loss, acc, images = read_meter()
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
-                                img_s=f"{meter.count / (time.perf_counter() - t0):,.0f}")
-        train_loss, train_acc = read_meter()
+                                img_s=f"{images / (time.perf_counter() - t0):,.0f}")
+        train_loss, train_acc, images = read_meter()
         seconds = time.perf_counter() - t0
         bar.close()
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               "seconds": seconds, "images_per_s": meter.count / seconds}
+               "seconds": seconds, "images_per_s": images / seconds}
         if scaler is not None:
             row["loss_scale"] = scaler.get_scale()
         if val_loader is not None:
@@ -391,8 +441,9 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         row["elapsed"] = time.perf_counter() - first_step
         history.append(row)
         if checkpoints is not None:
-            checkpoints.write(global_step, model, optimizer, scheduler, scaler,
-                              training_state(epoch, len(train_loader)))
+            state = training_state(epoch, len(train_loader))
+            if leader:
+                checkpoints.write(global_step, model, optimizer, scheduler, scaler, state)
         if verbose:
             msg = (f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, "
                    f"{row['images_per_s']:,.0f} images/s")
