@@ -4,7 +4,7 @@ NumPy arrays on the CPU, CuPy arrays and hand-written CUDA kernels on NVIDIA GPU
 pass written out by hand. Public names are re-exported here: ``minicnn.Conv2d``, ``minicnn.Adam``,
 ``minicnn.fit``, ``minicnn.save`` ...
 """
-from . import amp, augment, models
+from . import amp, augment, gradcam, metrics, models, plot
 from .amp import GradScaler, autocast
 from .backend import (Device, DeviceError, device, get_array_module, get_default_dtype, seed,
                       set_default_dtype, to_device, to_numpy, tune_process)
@@ -13,6 +13,7 @@ from .cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, CIFARFormatError
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST, MNIST_MEAN, MNIST_STD, ArrayDataset,
                    DataLoader, DatasetUnavailable, FashionMNIST, IDXError, mnist_sample, read_idx)
 from .fused import fuse
+from .inference import Prediction, predict
 from .io import CheckpointError, load, save
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear,
                      MaxPool2d, ReLU)
@@ -92,4 +93,6 @@ __all__ = [
     "evaluate",
     "fit",
     "fuse",
+    "Prediction",
+    "predict",
 ]

@@ -8,6 +8,13 @@ import pytest
 import minicnn
 
 
+def pytest_configure(config):
+    """Run the notebooks of notebooks/ (a testpath) when nbmake is installed, as ``--nbmake``
+    would; tests/test_notebooks.py says so when it is not."""
+    if config.pluginmanager.hasplugin("nbmake"):
+        config.option.nbmake = True
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Every test starts from seed 0 and float32, whatever the test before it changed."""

@@ -35,6 +35,7 @@ _BLOCK = re.compile(r"(?:^<!--\s*([\w-]+)\s*:\s*(.*?)\s*-->[ \t]*\n)?^```python[
 _REQUIREMENTS = {
     "matplotlib": lambda: importlib.util.find_spec("matplotlib") is not None,
     "g++": lambda: _emulator_available(),
+    "onnx": lambda: all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime")),
 }
 
 

@@ -1,7 +1,8 @@
 """The notebooks of notebooks/ are what tools/make_notebooks.py writes, share their code with the
 docs pages verbatim, carry no outputs, and open on Colab with an install cell the tests skip.
 
-nbmake runs the notebooks themselves (``--nbmake`` and ``testpaths`` in pyproject.toml).
+nbmake runs the notebooks themselves (``testpaths`` in pyproject.toml; tests/conftest.py turns
+nbmake on when it is installed).
 """
 import importlib.util
 import re
@@ -29,6 +30,12 @@ def _docs_blocks(page):
     text = (ROOT / page).read_text()
     return [m.group(1).strip("\n") for m in
             re.finditer(r"^```python[ \t]*\n(.*?)^```", text, re.M | re.S)]
+
+
+def test_nbmake_runs_the_notebooks(pytestconfig):
+    if not pytestconfig.pluginmanager.hasplugin("nbmake"):
+        pytest.skip("nbmake is not installed, so the notebooks did not run: pip install -e '.[test]'")
+    assert pytestconfig.option.nbmake
 
 
 def test_the_three_notebooks_are_there():

@@ -5,10 +5,10 @@
 
 Every name of ``minicnn.__all__`` gets a heading with the anchor ``#<name>`` (other pages link to
 ``api.md#Conv2d``), its signature, the file it is defined in, and its docstring; a class also lists
-its public methods. Then the modules that are used by their module name (``minicnn.models``,
-``minicnn.amp``, ``minicnn.augment``, ``minicnn.ops``, ``minicnn.cuda``,
-``minicnn.testing.emulator``, ``minicnn.errors``, and the fast path's ``minicnn.fused.modules``,
-``losses``, ``windows`` and ``ops``) are listed the same way, less what the first part holds. Docstrings are shown as plain text, exactly as written in the code.
+its public methods. Then the modules that are used by their module name (``MODULES`` below:
+``minicnn.models``, ``minicnn.ops``, the fast path's modules, ``minicnn.onnx``,
+``minicnn.distributed``, ...) are listed the same way, less what the first part holds.
+Docstrings are shown as plain text, exactly as written in the code.
 """
 import argparse
 import importlib
@@ -33,6 +33,7 @@ SECTIONS = [
     ("Optimizers", "sec-optim", ["minicnn.optim"]),
     ("Learning-rate schedules", "sec-lr", ["minicnn.lr_scheduler"]),
     ("Training", "sec-train", ["minicnn.train"]),
+    ("Prediction", "sec-predict", ["minicnn.inference"]),
     ("Mixed precision", "sec-amp", ["minicnn.amp"]),
     ("Data", "sec-data", ["minicnn.data", "minicnn.cifar"]),
     ("Checkpoints and PyTorch weights", "sec-io", ["minicnn.io", "minicnn.weights"]),
@@ -45,7 +46,9 @@ SECTIONS = [
 # modules used by their name, not re-exported name by name
 MODULES = ["minicnn.models", "minicnn.augment", "minicnn.ops", "minicnn.cuda",
            "minicnn.testing.emulator", "minicnn.errors", "minicnn.fused.modules",
-           "minicnn.fused.losses", "minicnn.fused.windows", "minicnn.fused.ops"]
+           "minicnn.fused.losses", "minicnn.fused.windows", "minicnn.fused.ops",
+           "minicnn.fused.gemm", "minicnn.metrics", "minicnn.gradcam", "minicnn.plot",
+           "minicnn.onnx", "minicnn.distributed"]
 
 
 def _path(module):
@@ -67,7 +70,8 @@ def _signature(obj, method=False):
         return "(...)"
     if method:
         sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-    return str(sig)
+    # a function as a default prints with its address, which changes every run: keep its name
+    return re.sub(r"<function ([\w.<>]+) at 0x[0-9a-f]+>", r"\1", str(sig))
 
 
 def _own_doc(obj):

@@ -1,10 +1,12 @@
-"""Draw the figures of docs/convolution.md and docs/kernels.md into docs/img/.
+"""Draw the figures of docs/convolution.md, kernels.md, inside.md, distributed.md into docs/img/.
 
     python tools/make_figures.py              # needs matplotlib: pip install -e ".[plot]"
     python tools/make_figures.py --out DIR    # somewhere else
 
 Every number in the figures is computed by minicnn itself (``minicnn.ops.im2col``,
 ``minicnn.ops.col2im``, the layers' ``output_shape``), so the pictures show what the code does.
+The pictures of docs/inside.md are ``minicnn.plot``'s, of the model that page trains, trained
+the same way (``inside_run``).
 """
 import argparse
 import sys
@@ -15,12 +17,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minicnn import ops  # noqa: E402
+import minicnn  # noqa: E402
+from minicnn import metrics, ops  # noqa: E402
 from minicnn.models import mnist_cnn  # noqa: E402
 
 plt = None          # matplotlib.pyplot, imported by main() (matplotlib is optional)
 
-FIGURES = ["im2col.png", "col2im_overlap.png", "col2im_gather.png", "im2col_memory.png"]
+FIGURES = ["im2col.png", "col2im_overlap.png", "col2im_gather.png", "im2col_memory.png",
+           "inside_training_curves.png", "inside_filters.png", "inside_feature_maps.png",
+           "inside_confusion_matrix.png", "inside_worst_examples.png", "inside_grad_cam.png",
+           "allreduce.png"]
 
 # the small example of the first figures: one image, 2 channels (a, b) of 4x4, a 2x2 kernel
 C, H, W, KH, KW = 2, 4, 4, 2, 2
@@ -184,6 +190,109 @@ def fig_im2col_memory(path, batch=128):
     plt.close(fig)
 
 
+
+# --- docs/inside.md: a trained model seen through minicnn.plot ---------------------------------
+
+_INSIDE = {}
+
+
+def inside_run():
+    """The model, history, test set, predictions and confusion matrix of docs/inside.md, made
+    as its first two blocks make them (seed 0, the first 2,000 bundled training images, three
+    epochs of the fused network); computed once for all its figures."""
+    if not _INSIDE:
+        from minicnn.data import ArrayDataset, DataLoader, mnist_sample
+        minicnn.seed(0)
+        train_set = ArrayDataset(*mnist_sample(train=True)[:2000])
+        test_set = mnist_sample(train=False)
+        model = mnist_cnn()
+        fast = minicnn.fuse(model)
+        optimizer = minicnn.Adam(model.parameters(), lr=1e-3)
+        history = minicnn.fit(fast, minicnn.CrossEntropyLoss(), optimizer,
+                              DataLoader(train_set, batch_size=64, shuffle=True), epochs=3,
+                              val_loader=DataLoader(test_set, batch_size=500), progress=False,
+                              verbose=False)
+        pred = minicnn.predict(model, test_set.images)
+        _INSIDE.update(model=model, history=history, test_set=test_set, pred=pred,
+                       cm=metrics.confusion_matrix(test_set.labels, pred, num_classes=10))
+    return _INSIDE
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+
+
+def fig_inside_training_curves(path):
+    _save(minicnn.plot.training_curves(inside_run()["history"]), path)
+
+
+def fig_inside_filters(path):
+    _save(minicnn.plot.filters(inside_run()["model"]), path)
+
+
+def fig_inside_feature_maps(path):
+    run = inside_run()
+    _save(minicnn.plot.feature_maps(run["model"], run["test_set"].images[0], layer=1), path)
+
+
+def fig_inside_confusion_matrix(path):
+    _save(minicnn.plot.confusion_matrix(inside_run()["cm"]), path)
+
+
+def fig_inside_worst_examples(path):
+    run = inside_run()
+    _save(minicnn.plot.worst_examples(run["pred"], run["test_set"].images,
+                                      run["test_set"].labels, k=8), path)
+
+
+def fig_inside_grad_cam(path):
+    run = inside_run()
+    _save(minicnn.plot.grad_cam(run["model"], run["test_set"].images[:8]), path)
+
+
+def fig_allreduce(path):
+    """One data-parallel step of docs/distributed.md: two processes, their gradients in one flat
+    buffer each (the batch size in its last slot), one all-reduce, the same result on both. The
+    segments are the example network's parameters, named and counted by minicnn."""
+    cells = [f"{name}\n{p.size:,}" for name, p in mnist_cnn().named_parameters()] + ["B_r\n1"]
+    colors = ["#a8dadc"] * (len(cells) - 1) + ["#f4a261"]
+    fig, ax = plt.subplots(figsize=(11.5, 4.4))
+    ax.set_xlim(0, 24)
+    ax.set_ylim(0.2, 9.4)
+    ax.axis("off")
+    arrow = dict(arrowstyle="->", color="#264653", lw=1.4)
+
+    def bar(x0, y, widths, labels, fills, fontsize):
+        for w, label, fill in zip(widths, labels, fills):
+            ax.add_patch(plt.Rectangle((x0, y), w, 0.9, facecolor=fill, edgecolor="#555555",
+                                       linewidth=0.8))
+            ax.text(x0 + w / 2, y + 0.45, label, ha="center", va="center", fontsize=fontsize)
+            x0 += w
+        return x0
+
+    for y, r in ((6.6, 0), (1.6, 1)):
+        ax.text(0.1, y + 1.7, f"process {r}", fontsize=10, fontweight="bold")
+        ax.text(0.1, y + 1.3, f"B{r} samples of batch k\nforward, backward:\n"
+                f"grad{r}, their mean", fontsize=8, va="top")
+        ax.text(3.8, y + 1.05, f"one flat buffer holds B{r} x grad{r}, then B{r} "
+                "(each Parameter.grad is a view into it)", fontsize=8, va="bottom")
+        end = bar(3.8, y, [1.1] * len(cells), cells, colors, 6)
+        ax.annotate("", xy=(15.0, 4.9), xytext=(end + 0.1, y + 0.45), arrowprops=arrow)
+        ax.annotate("", xy=(17.0, y + 0.45), xytext=(15.9, 4.9), arrowprops=arrow)
+        ax.text(17.0, y + 1.05, f"process {r} gets the same bits", fontsize=8, va="bottom")
+        bar(17.0, y, [4.6, 1.6], ["sum over r of B_r x grad_r", "B0 + B1"],
+            [colors[0], colors[-1]], 7.5)
+        ax.text(17.0, y - 0.15, "divided by B0 + B1: the mean gradient of the whole\nbatch, "
+                "so every process takes the same step", fontsize=7.5, va="top")
+    ax.add_patch(plt.Circle((15.45, 4.9), 0.55, facecolor="#e9c46a", edgecolor="#555555"))
+    ax.text(15.45, 4.9, "sum", ha="center", va="center", fontsize=9, fontweight="bold")
+    ax.text(8.75, 4.9, "one all-reduce per step (a sum over the processes):\n"
+            "MPI Allreduce on CPUs, NCCL allReduce on GPUs", ha="center", va="center",
+            fontsize=8.5)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
 def main(argv=None):
     global plt
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -195,7 +304,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in zip(FIGURES, [fig_im2col, fig_col2im_overlap, fig_col2im_gather,
-                                    fig_im2col_memory]):
+                                    fig_im2col_memory, fig_inside_training_curves,
+                                    fig_inside_filters, fig_inside_feature_maps,
+                                    fig_inside_confusion_matrix, fig_inside_worst_examples,
+                                    fig_inside_grad_cam, fig_allreduce]):
         draw(out / name)
         print(f"wrote {out / name}")
 
