@@ -98,7 +98,8 @@ def save(model, path, optimizer=None, scheduler=None, metadata=None, scaler=None
         raise TypeError(f"save: metadata must be JSON-serializable (dict, list, str, number, "
                         f"bool, None): {e}") from None
     arrays["__meta__"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    _write_atomic(path, arrays)
+    # a file object, not a name: np.savez would append ".npz" to a name
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load(model, path, optimizer=None, scheduler=None, scaler=None):
@@ -225,21 +226,28 @@ def _check_state(fail, what, obj, state):
         raise fail(f"has {what} state that does not fit {type(obj).__name__}: {e}") from None
 
 
-def _write_atomic(path, arrays):
-    """np.savez into a temporary file beside ``path``, fsync, then rename it over ``path``: a
-    reader or a crash sees the old file or the new one, never part of one."""
+def write_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file beside it, fsync, then a rename over
+    ``path``: a reader or a crash sees the old file or the new one, never part of one.
+
+    ``data``: bytes, a str (written as UTF-8), or a function that writes to the binary file
+    object it is given. The file gets the mode ``open()`` would give it.
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"save: directory {directory!r} does not exist")
+        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
     tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{os.path.basename(path)}.",
                                       suffix=".tmp", delete=False)
     try:
         with tmp:
-            # a file object, not a name: np.savez would append ".npz" to a name
-            np.savez(tmp, **arrays)
+            if callable(data):
+                data(tmp)
+            else:
+                tmp.write(data.encode("utf-8") if isinstance(data, str) else data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        # temporary files are made private (0600); give the checkpoint the mode open() would
+        # temporary files are made private (0600); give the file the mode open() would
         os.chmod(tmp.name, 0o666 & ~_umask())
         os.replace(tmp.name, path)
     except BaseException:

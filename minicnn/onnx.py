@@ -22,17 +22,16 @@ Every initializer is named by its ``state_dict`` key ("0.weight", "bn1.running_v
 and a checkpoint of one model speak of the same tensors. The ``onnx`` package (``pip install
 "minicnn[onnx]"``) is imported when ``export`` runs, never by ``import minicnn``.
 """
-import contextlib
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 from .backend import to_numpy
 from .blocks import BasicBlock
 from .errors import ExportError, ShapeError
+from .io import write_atomic
 from .fused.modules import FusedConv2d, FusedLinear, FusedMaxPool2d
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear,
                      MaxPool2d, ReLU)
@@ -155,7 +154,7 @@ def export(model, example_input, path, opset=DEFAULT_OPSET, input_name="input",
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"export: the ONNX checker refuses the graph made of "
                           f"{type(model).__name__}: {e}") from e
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return proto
 
 
@@ -179,26 +178,6 @@ def _float_dtype(dtype):
         raise ExportError(f"export: a graph computing in {dtype} is not supported; export with "
                           "dtype=numpy.float32 (or float64, float16)")
     return dtype
-
-
-def _write_atomic(path, data):
-    """``data`` into a temporary file beside ``path``, fsync, then a rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)      # mkstemp makes it private; give it open()'s mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _join(path, name):

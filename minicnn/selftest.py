@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import zlib
@@ -35,6 +34,7 @@ import numpy as np
 
 from . import __version__, backend, cuda, fused, ops
 from .backend import get_default_dtype, rng, seed, set_default_dtype, to_numpy
+from .io import write_atomic
 
 DEFAULT_OUT = "minicnn-selftest"
 DESCRIPTION = ("Check every kernel and layer of minicnn against its reference (on the CPU, and CPU "
@@ -1063,19 +1063,6 @@ def timing_markdown(timing_):
     if not any(row["name"].startswith("PyTorch") for row in timing_["rows"]):
         lines += ["", f"No PyTorch column: {timing_.get('torch')}."]
     return lines
-
-
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def add_arguments(parser):

@@ -2,6 +2,7 @@
 without touching the model, and atomic writes."""
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -293,3 +294,20 @@ def test_overwrite_and_file_mode(ckpt):
     os.umask(umask)
     if os.name == "posix":
         assert (os.stat(ckpt).st_mode & 0o777) == (0o666 & ~umask)
+
+
+@pytest.mark.parametrize("data,want", [(b"\x00bytes\xff", b"\x00bytes\xff"),
+                                       ("text \u00e9", "text \u00e9".encode("utf-8")),
+                                       (lambda f: f.write(b"by a writer"), b"by a writer")],
+                         ids=["bytes", "str", "writer"])
+def test_write_atomic_writes_whole_files_with_the_mode_open_gives(tmp_path, data, want):
+    """One writer for checkpoints, ONNX files, selftest reports and generated docs: the content,
+    and the mode open() would give (0666 less the umask), not the temporary file's private 0600."""
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    minicnn.io.write_atomic(path, data)
+    assert path.read_bytes() == want
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]      # no temporary file left

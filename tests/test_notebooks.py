@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_docs import blocks_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -26,10 +27,10 @@ def _generator():
 
 
 def _docs_blocks(page):
-    """The ```python blocks of a docs page, as tests/test_docs.py reads them."""
-    text = (ROOT / page).read_text()
-    return [m.group(1).strip("\n") for m in
-            re.finditer(r"^```python[ \t]*\n(.*?)^```", text, re.M | re.S)]
+    """The ```python blocks of docs/<page> that run without a GPU, as tests/test_docs.py reads
+    them (a ``no-run`` block would fail under nbmake on a CPU)."""
+    return [b.code.strip("\n") for b in blocks_of(page.removeprefix("docs/"))
+            if b.marker != "no-run"]
 
 
 def test_nbmake_runs_the_notebooks(pytestconfig):

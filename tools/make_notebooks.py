@@ -20,10 +20,13 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minicnn.io import write_atomic  # noqa: E402
+
 DOCS = ROOT / "docs"
 OUT = ROOT / "notebooks"
 
@@ -36,8 +39,24 @@ BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 SOURCE = "https://github.com/{repository}/blob/main/docs/{page}"
 
 # an optional marker comment, then a fenced python block (as tests/test_docs.py reads pages)
-_BLOCK = re.compile(r"(?:^<!--\s*[\w-]+\s*:\s*.*?\s*-->[ \t]*\n)?"
+_BLOCK = re.compile(r"(?:^<!--\s*([\w-]+)\s*:\s*.*?\s*-->[ \t]*\n)?"
                     r"^```python[ \t]*\n(.*?)^```[ \t]*\n?", re.M | re.S)
+
+
+def _blocks(page):
+    """(text, the matches of its python blocks) of docs/<page>: the marker in group 1, the code
+    in group 2."""
+    text = (DOCS / page).read_text()
+    return text, list(_BLOCK.finditer(text))
+
+
+def _cell_code(page, m):
+    """The code of block ``m`` for a notebook cell, refusing a ``no-run`` block: it needs a GPU
+    or the network, and nbmake runs the notebooks on a CPU."""
+    if m.group(1) == "no-run":
+        raise SystemExit(f"make_notebooks: a no-run block of docs/{page} cannot be a notebook "
+                         f"cell (nbmake runs them on a CPU):\n{m.group(2)}")
+    return m.group(2)
 
 
 # --- cells ---------------------------------------------------------------------------------------
@@ -63,19 +82,14 @@ def code(text, tags=(), source=None):
     return cell
 
 
-def python_blocks(page):
-    """The ```python blocks of docs/<page>, as tests/test_docs.py runs them."""
-    return [m.group(1) for m in _BLOCK.finditer((DOCS / page).read_text())]
-
-
 def docs_block(page, marker):
     """A code cell holding the one ```python block of docs/<page> that contains ``marker``."""
-    found = [b for b in python_blocks(page) if marker in b]
+    found = [m for m in _blocks(page)[1] if marker in m.group(2)]
     if len(found) != 1:
         raise SystemExit(f"make_notebooks: expected one python block of docs/{page} containing "
                          f"{marker!r}, found {len(found)}; update the marker in "
                          f"tools/make_notebooks.py")
-    return code(found[0], source=page)
+    return code(_cell_code(page, found[0]), source=page)
 
 
 def _notebook_markdown(text, page):
@@ -98,8 +112,7 @@ def _notebook_markdown(text, page):
 def docs_page(page, after):
     """Cells for docs/<page> from after its python block number ``after`` to the end: each
     stretch of prose a markdown cell, each python block a code cell."""
-    text = (DOCS / page).read_text()
-    blocks = list(_BLOCK.finditer(text))
+    text, blocks = _blocks(page)
     if len(blocks) <= after:
         raise SystemExit(f"make_notebooks: docs/{page} has {len(blocks)} python blocks, "
                          f"none after number {after}")
@@ -108,7 +121,7 @@ def docs_page(page, after):
         prose = _notebook_markdown(text[position:m.start()], page).strip()
         if prose:
             cells.append(md(prose))
-        cells.append(code(m.group(1), source=page))
+        cells.append(code(_cell_code(page, m), source=page))
         position = m.end()
     prose = _notebook_markdown(text[position:], page).strip()
     if prose:
@@ -503,19 +516,6 @@ def render(make):
     })
     nbformat.validate(nb)
     return name, nbformat.writes(nb) + "\n"
-
-
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)                    # mkstemp's 0600 is for secrets, not notebooks
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv=None):
