@@ -23,9 +23,8 @@ import numpy as np
 
 from .backend import device_of, get_array_module
 from .errors import ShapeError
-from .inference import restore_modes, training_modes
 from .layers import Conv2d, Dropout, ReLU
-from .module import Module, Sequential
+from .module import Module, Sequential, restore_modes, training_modes
 from .normalization import _BatchNorm
 
 Capture = namedtuple("Capture", ["activations", "gradients", "logits", "classes"])
@@ -185,9 +184,12 @@ def capture(model, x, layer=None, target_class=None):
     tail_modules = [m for top in tail for _, m in top.named_modules()]
     tail_params = [p for m in tail for p in m.parameters()]
     saved_grads = [p.grad.copy() for p in tail_params]
-    # Eval-mode BatchNorm backpropagates only with its parameters frozen (nothing was kept to
-    # form their gradients, and none is wanted): freeze them for the backward, then restore.
-    norms = [m for m in tail_modules if isinstance(m, _BatchNorm) and m.affine]
+    # A BatchNorm with running statistics runs in eval mode, and then backpropagates only with
+    # its parameters frozen (nothing was kept to form their gradients, and none is wanted):
+    # freeze them for the backward, then restore. One without them normalises by the batch in
+    # either mode, so it stays in training mode, which keeps what its backward needs.
+    tracked = [m for m in tail_modules if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    norms = [m for m in tracked if m.affine]
     saved_flags = [(p, p.requires_grad) for m in norms for p in (m.weight, m.bias)]
     try:
         model.eval()
@@ -195,9 +197,9 @@ def capture(model, x, layer=None, target_class=None):
         for m in head:                          # eval: nothing kept
             a = m.forward(a)
         # The tail keeps what its backward needs (training mode), except in the layers whose
-        # values differ in training: Dropout and BatchNorm stay in eval mode.
+        # values differ in training: Dropout and BatchNorm with running statistics stay in eval.
         for m in tail_modules:
-            m.training = not isinstance(m, (Dropout, _BatchNorm))
+            m.training = not (isinstance(m, Dropout) or m in tracked)
         for p, _ in saved_flags:
             p.requires_grad = False
         logits = a

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .backend import device_of, get_array_module
 from .errors import ShapeError
-from .module import Module
+from .module import Module, restore_modes, training_modes
 
 # Inputs of this many batches or more get a progress bar (with progress=True).
 PROGRESS_MIN_BATCHES = 10
@@ -36,17 +36,6 @@ def softmax(logits):
     e = xp.exp(z)
     e /= e.sum(axis=1, keepdims=True)
     return e
-
-
-def training_modes(model):
-    """(module, training) of every module of ``model``: ``restore_modes`` puts them back as they
-    were, a frozen BatchNorm left in eval mode inside a training model included."""
-    return [(m, m.training) for _, m in model.named_modules()]
-
-
-def restore_modes(modes):
-    for m, training in modes:
-        m.training = training
 
 
 def _images(x):

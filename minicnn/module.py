@@ -344,3 +344,14 @@ class Sequential(Module):
 def new_param(values):
     """A ``Parameter`` made from host values in the default dtype (on the CPU; ``Module.to`` moves)."""
     return Parameter(np.ascontiguousarray(values, dtype=get_default_dtype()))
+
+
+def training_modes(model):
+    """(module, training) of every module of ``model``: ``restore_modes`` puts them back as they
+    were, a frozen BatchNorm left in eval mode inside a training model included."""
+    return [(m, m.training) for _, m in model.named_modules()]
+
+
+def restore_modes(modes):
+    for m, training in modes:
+        m.training = training

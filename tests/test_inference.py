@@ -17,7 +17,7 @@ from minicnn.layers import (AdaptiveAvgPool2d, Conv2d, Dropout, Flatten, Linear,
                             ReLU)
 from minicnn.models import mnist_cnn
 from minicnn.module import Sequential, ShapeError
-from minicnn.normalization import BatchNorm2d
+from minicnn.normalization import BatchNorm1d, BatchNorm2d
 
 
 def _images(n, shape=(1, 28, 28), seed=0, dtype=np.float32):
@@ -278,6 +278,34 @@ def test_captured_gradient_matches_finite_differences(float64):
     np.testing.assert_allclose(cap.gradients, numeric, atol=1e-5, rtol=1e-4)
     assert np.abs(numeric).max() > 1e-3                     # not a test of zeros
     assert bn.weight.requires_grad and bn.bias.requires_grad and not bn.training
+
+
+def test_captured_gradient_through_a_batchnorm_without_running_statistics(float64):
+    """A BatchNorm with track_running_stats=False normalises by the batch in either mode, so the
+    capture must run it in training mode (eval mode keeps nothing for its backward): dA against
+    central differences of sum_b logits[b, c_b], eps 1e-6, atol 1e-5 / rtol 1e-4."""
+    model = Sequential(Conv2d(1, 3, 3), ReLU(), Flatten(), Linear(3 * 4 * 4, 5),
+                       BatchNorm1d(5, track_running_stats=False), Linear(5, 4))
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 1, 6, 6))
+    classes = np.array([0, 2, 3])
+    cap = gradcam.capture(model, x, layer=1, target_class=classes)
+    tail = model[2:]
+
+    def score(a):
+        return tail(a)[np.arange(3), classes].sum()
+
+    eps = 1e-6
+    numeric = np.zeros_like(cap.activations)
+    for i in np.ndindex(*cap.activations.shape):
+        a = cap.activations.copy()
+        a[i] += eps
+        plus = score(a)
+        a[i] -= 2 * eps
+        numeric[i] = (plus - score(a)) / (2 * eps)
+    np.testing.assert_allclose(cap.gradients, numeric, atol=1e-5, rtol=1e-4)
+    assert np.abs(numeric).max() > 1e-3                     # not a test of zeros
+    assert model.training and model[4].training
 
 
 def test_grad_cam_runs_on_a_fused_model():
