@@ -3,7 +3,7 @@ at a fixed per-process batch, and the all-reduce's share of a step.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/distributed.py
     python benchmarks/distributed.py --batch-sizes 64 128 --steps 30 --repeats 5
-    PYTHONPATH=. python benchmarks/distributed.py --device cuda --nccl-world1   # one GPU
+    PYTHONPATH=. python benchmarks/distributed.py --device cuda   # one GPU: the NCCL path
 
 Each row is a separate ``mpiexec -n W`` run of this script (``--worker``): the fused network,
 fused loss and FusedAdam as in examples/mnist.py, float32, a random MNIST-shaped batch per
@@ -18,8 +18,8 @@ median round. "all-reduce" is the time inside ``reduce_gradients`` per step, whi
 waiting for the slower process; "bare" is an all-reduce of the same buffer right after a barrier
 (the communication alone). The OpenBLAS kernel each run used is read with threadpoolctl.
 
-``--nccl-world1`` runs ``python -m minicnn.distributed selfcheck`` instead: on one GPU the
-NCCL path against the plain step (same parameters?) and its step time.
+``--device cuda`` runs ``python -m minicnn.distributed selfcheck --device cuda`` instead: on one
+GPU the NCCL path against the plain step (same parameters?) and its step time.
 """
 import argparse
 import json
@@ -160,16 +160,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--nccl-world1", action="store_true",
-                    help="check the NCCL path on one GPU (python -m minicnn.distributed selfcheck)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: check the NCCL path on one GPU instead (python -m "
+                         "minicnn.distributed selfcheck --device cuda)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    if args.nccl_world1 or args.device == "cuda":
+    if args.device == "cuda":
         from minicnn.distributed.selfcheck import main as selfcheck
         return selfcheck(["--device", args.device])
     if mpiexec() is None:

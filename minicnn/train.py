@@ -273,9 +273,10 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
     (docs/resuming.md). ``epochs`` counts from ``start_epoch`` either way.
 
     No step reads back from the device: loss and accuracy are summed there and read every
-    ``log_every`` steps and at the end of the epoch (when a deferred target check raises). Calls
-    ``minicnn.tune_process()`` first, which changes glibc's allocator for the whole process
-    (``MINICNN_TUNE_PROCESS=0`` to opt out). docs/tutorial.md shows it at work.
+    ``log_every`` steps (for the progress bar, when ``progress``) and at the end of the epoch;
+    a deferred target check runs at both (and raises there). Calls ``minicnn.tune_process()``
+    first, which changes glibc's allocator for the whole process (``MINICNN_TUNE_PROCESS=0`` to
+    opt out). docs/tutorial.md shows it at work.
 
     A ``minicnn.distributed.DistributedDataParallel`` model trains on every process of its group
     (docs/distributed.md): progress and messages come from rank 0 alone, loss, accuracy and
@@ -296,6 +297,9 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         scaler = GradScaler()
     group = getattr(model, "process_group", None)    # a DistributedDataParallel model's
     leader = group is None or group.rank == 0
+    # the caller's flag, the same on every process: whether the log steps read the meter (an
+    # all-reduce in a distributed run, so every process must take part or none)
+    log_progress = bool(progress)
     progress, verbose = progress and leader, verbose and leader
     if cuda_graph and group is not None:
         raise ValueError("fit: cuda_graph=True cannot record the step of a "
@@ -340,7 +344,11 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                 tqdm.write(f"fit: no checkpoint in {checkpoints.directory!r}; starting fresh")
         else:
             _check_world(path, resumed, group)
-            set_rng_state(resumed["rng"] if group is None else resumed["ranks"][group.rank]["rng"])
+            # this process's own generator, sums and order: a checkpoint of one process (no
+            # "ranks") also resumes in a distributed run of world size 1
+            own = resumed["ranks"][group.rank] if group is not None and "ranks" in resumed \
+                else resumed
+            set_rng_state(own["rng"])
             history.epochs = list(resumed["history"])
             first_epoch = resumed["epoch"] + (resumed["step"] >= len(train_loader))
             if verbose:
@@ -392,9 +400,9 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
         start_step = 0
         if resumed is not None and resumed["epoch"] == epoch:     # within this epoch
             start_step = resumed["step"]
-            own = resumed if group is None else resumed["ranks"][group.rank]
             meter = _Meter(own["meter"][:2], own["meter"][2])
-            order = resumed["order"] if group is None else np.fromiter(
+            # the saved order is rank 0's; another process draws its own share from the sampler
+            order = resumed["order"] if own is resumed else np.fromiter(
                 train_loader.sampler, dtype=np.int64, count=len(train_loader.sampler))
             batches = train_loader.iter_from(order, start_step)
         elif meter is None or meter.sums is None or graph is None:
@@ -422,9 +430,12 @@ def fit(model, loss_fn, optimizer, train_loader, epochs=1, val_loader=None, sche
                 if leader:
                     checkpoints.write(global_step, model, optimizer, scheduler, scaler, state)
             if step % log_every == 0:
-                mean_loss, acc, images = read_meter()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
-                                img_s=f"{images / (time.perf_counter() - t0):,.0f}")
+                if log_progress:        # summed over the processes for rank 0's bar
+                    mean_loss, acc, images = read_meter()
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}",
+                                    img_s=f"{images / (time.perf_counter() - t0):,.0f}")
+                elif hasattr(loss_fn, "check"):     # no bar: only the deferred target check
+                    loss_fn.check()
         train_loss, train_acc, images = read_meter()
         seconds = time.perf_counter() - t0
         bar.close()

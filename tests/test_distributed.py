@@ -232,8 +232,9 @@ def fake_gpu(monkeypatch):
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_nccl_path_on_a_strict_stand_in(fake_gpu, version, batch_norm):
     """2 simulated processes holding the same batch (batch 8: every scaling exact) must train
-    exactly as one; each step is one allReduce of the flat buffer on the current stream, and
-    with BatchNorm a bcast of each buffer (float and int64) before the forward."""
+    exactly as one; each step is one allReduce of the flat buffer on the current stream and
+    nothing else (no buffer is sent while training), and with BatchNorm ``eval()`` sends each
+    buffer (float and int64) once."""
     from minicnn.distributed import DistributedDataParallel
     from minicnn.distributed.comm import ProcessGroup, _NcclCalls
     cupy, nccl = fake_gpu(version)
@@ -258,6 +259,9 @@ def test_nccl_path_on_a_strict_stand_in(fake_gpu, version, batch_norm):
                 opt.zero_grad()
                 model.backward(loss_fn.backward(), input_grad=False)
                 opt.step()
+            model.eval()
+            model.eval()                         # already evaluating: nothing sent again
+            model.train()
         return model.state_dict()
     plain, ddp = trained(False), trained(True)
     for k in plain:
@@ -267,7 +271,7 @@ def test_nccl_path_on_a_strict_stand_in(fake_gpu, version, batch_norm):
     else:           # parameters 48, 3, 3, 3; buffers running mean, var and the int64 count
         buffers = [("bcast", 3), ("bcast", 3), ("bcast", 1)]
         assert nccl.calls == [("bcast", n) for n in (48, 3, 3, 3)] + buffers + (
-            buffers + [("allReduce", 48 + 3 + 3 + 3 + 1)]) * 3
+            [("allReduce", 48 + 3 + 3 + 3 + 1)] * 3) + buffers
 
 
 @pytest.mark.parametrize("version", [13, 14])
@@ -281,6 +285,182 @@ def test_init_on_a_gpu_picks_the_device_and_makes_a_communicator(fake_gpu, monke
     group = comm.init("cuda", mpi=False)
     assert used and group.device == "cuda" and group.size == 1
     assert "NCCL" in repr(group) and comm.get_group() is group
+
+
+# --- one process, a group that counts its collectives --------------------------------------------
+
+class CountingGroup:
+    """A ProcessGroup of one process without MPI that records its collectives."""
+
+    def __new__(cls):
+        from minicnn.distributed.comm import ProcessGroup, _OneProcess
+
+        class Counting(ProcessGroup):
+            def broadcast_(self, array, root=0):
+                self.calls.append(("broadcast", int(array.size)))
+                return super().broadcast_(array, root)
+
+            def all_reduce_(self, array):
+                self.calls.append(("all_reduce", int(array.size)))
+                return super().all_reduce_(array)
+
+            def sum(self, values):
+                self.calls.append(("sum", len(values)))
+                return super().sum(values)
+        group = Counting(_OneProcess(), minicnn.device("cpu"))
+        group.calls = []
+        return group
+
+
+def _batch_norm_net():
+    minicnn.seed(0)
+    return minicnn.Sequential(minicnn.Flatten(), minicnn.Linear(16, 3), minicnn.BatchNorm1d(3))
+
+
+def test_training_sends_no_buffers_and_eval_sends_rank_0s_once():
+    """A training forward reads no running statistics, so nothing is broadcast while training;
+    switching to evaluation broadcasts each buffer once (rank 0's), and only from training."""
+    from minicnn.distributed import DistributedDataParallel
+    group = CountingGroup()
+    ddp = DistributedDataParallel(_batch_norm_net(), group)
+    assert group.calls == [("broadcast", n) for n in (48, 3, 3, 3, 3, 3, 1)]
+    group.calls.clear()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 1, 4, 4)), rng.integers(0, 3, 8)
+    loss_fn = minicnn.CrossEntropyLoss()
+    for _ in range(3):
+        loss_fn(ddp(x), y)
+        ddp.backward(loss_fn.backward(), input_grad=False)
+    assert group.calls == [("all_reduce", 48 + 3 + 3 + 3 + 1)] * 3
+    group.calls.clear()
+    assert ddp.eval() is ddp and not ddp.training
+    assert group.calls == [("broadcast", 3), ("broadcast", 3), ("broadcast", 1)]
+    ddp.eval()
+    ddp.train()
+    assert ddp.training and len(group.calls) == 3
+    group.calls.clear()
+    result = minicnn.evaluate(ddp, DataLoader(ArrayDataset(x, y), batch_size=4))
+    assert ddp.training and result["images"] == 8
+    assert [c for c in group.calls if c[0] == "broadcast"] == [("broadcast", 3),
+                                                               ("broadcast", 3), ("broadcast", 1)]
+
+
+def test_to_rebinds_the_gradients_and_a_moved_module_is_rebound(monkeypatch):
+    """``to`` puts the new gradients of ``Module.to`` into the flat buffers at once; the module
+    moved behind the wrapper's back is caught at the next backward (an O(1) check)."""
+    import minicnn.module
+    from minicnn.distributed import DistributedDataParallel
+    ddp = DistributedDataParallel(_batch_norm_net(), CountingGroup())
+
+    def bound():
+        return all(any(np.shares_memory(p.grad, f) for f in ddp._buffers_flat)
+                   for p in ddp.parameters())
+    assert bound()
+    monkeypatch.setattr(minicnn.module, "to_device", lambda x, dev: np.array(x))   # new arrays
+    ddp.to("cpu")
+    assert bound()
+    ddp.module.to("cpu")
+    assert not bound()
+    rng = np.random.default_rng(0)
+    loss_fn = minicnn.CrossEntropyLoss()
+    loss_fn(ddp(rng.standard_normal((4, 1, 4, 4))), rng.integers(0, 3, 4))
+    ddp.backward(loss_fn.backward(), input_grad=False)
+    assert bound() and any(float(np.abs(p.grad).max()) > 0 for p in ddp.parameters())
+
+
+def test_collectives_use_the_mpi_module_kept_at_init(monkeypatch):
+    from minicnn.distributed import comm
+
+    class World(FakeWorld):
+        def Allreduce(self, sendbuf, recvbuf, op):
+            assert sendbuf is mpi.IN_PLACE and op is mpi.SUM
+            recvbuf *= 2
+    mpi = types.SimpleNamespace(IN_PLACE=object(), SUM=object())
+    group = comm.ProcessGroup(World(2), minicnn.device("cpu"), mpi=mpi)
+
+    def no_import():
+        raise AssertionError("MPI imported again")
+    monkeypatch.setattr(comm, "_mpi", no_import)
+    assert group.all_reduce_(np.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    assert group.sum([1.0, 2.0]) == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("progress,reads", [(False, 1), (True, 5)])
+def test_fit_reads_the_summed_meter_at_log_steps_only_for_a_progress_bar(progress, reads):
+    """4 steps at log_every=1: without a progress bar anywhere, the one all-reduce of the meter
+    is the epoch's end (not one per log step)."""
+    from minicnn.distributed import DistributedDataParallel
+    group = CountingGroup()
+    minicnn.seed(0)
+    ddp = DistributedDataParallel(minicnn.Sequential(minicnn.Flatten(), minicnn.Linear(16, 3)),
+                                  group)
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.standard_normal((32, 1, 4, 4)), rng.integers(0, 3, 32))
+    history = minicnn.fit(ddp, minicnn.CrossEntropyLoss(), minicnn.SGD(ddp.parameters(), lr=0.1),
+                          DataLoader(data, batch_size=8), progress=progress, verbose=False,
+                          log_every=1)
+    assert [c for c in group.calls if c[0] == "sum"] == [("sum", 3)] * reads
+    assert history.epochs[0]["train_loss"] > 0
+
+
+class _Cut(Exception):
+    pass
+
+
+class _StopAfter:
+    def __init__(self, loss_fn, k):
+        self.loss_fn, self.k, self.steps = loss_fn, k, 0
+
+    def __call__(self, logits, y):
+        if self.steps == self.k:
+            raise _Cut
+        return self.loss_fn(logits, y)
+
+    def backward(self):
+        self.steps += 1
+        return self.loss_fn.backward()
+
+
+def test_a_one_process_checkpoint_resumes_in_a_distributed_run_of_one(tmp_path):
+    """A checkpoint written without the wrapper (no "ranks") counts as one process: a wrapped
+    run of world size 1 resumes it (it raised KeyError: 'ranks') and ends with the parameters
+    of the uninterrupted run, bit for bit (batch 8: the wrapper's scaling is exact)."""
+    from minicnn.distributed import DistributedDataParallel
+    rng = np.random.default_rng(2)
+    data = ArrayDataset(rng.standard_normal((64, 1, 4, 4)), rng.integers(0, 3, 64))
+
+    def run(wrap=False, stop=None, **kwargs):
+        minicnn.seed(0)
+        model = minicnn.Sequential(minicnn.Flatten(), minicnn.Linear(16, 8), minicnn.ReLU(),
+                                   minicnn.Dropout(0.25), minicnn.Linear(8, 3))
+        if wrap:
+            model = DistributedDataParallel(model, CountingGroup())
+        loss_fn = minicnn.CrossEntropyLoss()
+        if stop is not None:
+            loss_fn = _StopAfter(loss_fn, stop)
+        loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(64, 1, 0, seed=1))
+        try:
+            history = minicnn.fit(model, loss_fn, minicnn.Adam(model.parameters(), lr=1e-2),
+                                  loader, epochs=3, progress=False, verbose=False, **kwargs)
+        except _Cut:
+            return None, None
+        return model.state_dict(), history
+
+    want, want_history = run()
+    ckpt = {"checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 3}
+    assert run(stop=11, **ckpt) == (None, None)               # cut in epoch 2, after step 9's
+    assert sorted(os.listdir(tmp_path / "ckpt"))[-1] == "checkpoint-000000009.npz"
+    got, history = run(wrap=True, resume=True, **ckpt)
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
+    for row, expected in zip(history.epochs, want_history.epochs):
+        assert row["train_loss"] == expected["train_loss"]
+
+
+def test_selfcheck_refuses_more_images_than_the_sample_holds():
+    from minicnn.distributed import selfcheck
+    with pytest.raises(ValueError, match=r"100 steps at batch 64 need 6,400 images"):
+        selfcheck.run("cpu", steps=100, batch=64)
 
 
 # --- runs under mpiexec --------------------------------------------------------------------------

@@ -125,15 +125,24 @@ class ProcessGroup:
     """The ``size`` processes of a run and this one's ``rank`` (0 .. size-1), on ``device``.
 
     ``comm`` is the mpi4py communicator; on "cuda" an NCCL communicator carries the arrays.
-    ``local_rank`` is the rank among the processes of this host (which picks its GPU).
+    ``local_rank`` is the rank among the processes of this host (which picks its GPU). ``mpi``
+    is mpi4py's MPI module, kept for the collectives (``init`` passes it; imported once, on
+    first use, when not given).
     """
 
-    def __init__(self, comm, device, local_rank=0, nccl=None):
+    def __init__(self, comm, device, local_rank=0, nccl=None, mpi=None):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.device = device
         self.local_rank = local_rank
         self._nccl = nccl
+        self._MPI = mpi         # mpi4py's MPI module (``init`` passes it), kept for collectives
+
+    def _mpi(self):
+        """MPI (IN_PLACE, SUM) without an import per collective: imported at most once."""
+        if self._MPI is None:
+            self._MPI = _mpi()
+        return self._MPI
 
     def _contiguous(self, where, array):
         if not getattr(array, "flags", None) or not array.flags.c_contiguous:
@@ -153,7 +162,7 @@ class ProcessGroup:
         if (self.size == 1 and self._nccl is None) or array.size == 0:
             return array
         if xp is np:
-            MPI = _mpi()
+            MPI = self._MPI or self._mpi()
             self.comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         else:
             self._nccl.all_reduce(array)
@@ -174,7 +183,8 @@ class ProcessGroup:
         """The sums over the processes of a list of host numbers, as Python floats (float64)."""
         buf = np.array(values, dtype=np.float64)
         if self.size > 1:
-            self.comm.Allreduce(_mpi().IN_PLACE, buf, op=_mpi().SUM)
+            MPI = self._MPI or self._mpi()
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return buf.tolist()
 
     def gather_object(self, obj, root=0):
@@ -267,7 +277,7 @@ def init(device="cpu", mpi=True, abort_on_error=True):
     _pick_gpu(name, local_rank)
     dev = _device(name)
     nccl = _NcclCalls(comm.Get_size(), comm.Get_rank(), comm) if dev == "cuda" else None
-    group = ProcessGroup(comm, dev, local_rank, nccl)
+    group = ProcessGroup(comm, dev, local_rank, nccl, MPI)
     if abort_on_error and group.size > 1:      # alone, an exception ends the process anyway
         sys.excepthook = _abort_on_exception(group.rank, group.size, comm)
     _group = group

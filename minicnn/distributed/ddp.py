@@ -19,9 +19,11 @@ class DistributedDataParallel(Module):
     - Made: rank 0's parameters and buffers are broadcast to every process, and each
       ``Parameter.grad`` becomes a view into one flat buffer per dtype (plus a slot for the
       sample count), which the all-reduce sums in place: no copy in or out.
-    - ``forward(x)`` is the module's; in training mode it notes the batch size B_r = len(x)
-      and, with ``broadcast_buffers`` (default, as PyTorch), first overwrites the buffers
-      (BatchNorm's running statistics) with rank 0's.
+    - ``forward(x)`` is the module's; in training mode it notes the batch size B_r = len(x).
+    - ``eval()`` (``train(False)``) from training mode, with ``broadcast_buffers`` (default),
+      first overwrites the buffers (BatchNorm's running statistics) with rank 0's, so that every
+      process evaluates the same model. It is then a collective: call it on every process (as
+      ``fit`` and ``evaluate`` do); for work on one process alone use the bare ``.module``.
     - ``backward(dy)`` runs the module's backward, then ``reduce_gradients()``: each process
       multiplies its gradient by B_r, the buffers are summed over the processes together with
       the B_r, and divided by their sum. With a loss that is a mean over the batch (minicnn's
@@ -34,9 +36,10 @@ class DistributedDataParallel(Module):
     Wrap last: after ``minicnn.fuse`` and after moving the model to the group's device. Each
     backward all-reduces, so a step must call backward once on every process (as ``fit`` does).
     BatchNorm normalises by each process's own batch statistics, as DDP without SyncBatchNorm;
-    its running averages are rank 0's at every training forward, then updated by each process's
-    batch (evaluation after training uses each process's own last update; rank 0's are saved). ``fit`` given a wrapped model prints and writes checkpoints on
-    rank 0 only and all-reduces its metrics.
+    each process updates its running averages with its own batches (a training forward reads
+    none), and switching to evaluation overwrites them with rank 0's, the ones saved. ``fit``
+    given a wrapped model prints and writes checkpoints on rank 0 only and all-reduces its
+    metrics.
     """
 
     def __init__(self, module, group=None, broadcast=True, broadcast_buffers=True):
@@ -58,7 +61,8 @@ class DistributedDataParallel(Module):
         self.process_group = group
         self.broadcast_buffers = bool(broadcast_buffers)
         self._count = None          # the batch size of the last training-mode forward
-        self._views = None          # [(parameter, its grad view)] of the bound buffers
+        self._first = None          # the first parameter and its bound gradient view: the
+        self._first_view = None     # O(1) check that the flat buffers are still the gradients
         self._buffers_flat = []     # one flat gradient buffer (+1 count slot) per dtype
         if broadcast:
             self.broadcast_parameters()
@@ -97,6 +101,17 @@ class DistributedDataParallel(Module):
             raise ValueError(f"DistributedDataParallel.to: the process group is on "
                              f"{self.process_group.device}, not {dev}")
         self.module.to(dev)
+        self._bind()            # Module.to gives each parameter a new gradient array
+        return self
+
+    def train(self, mode=True):
+        """Set the module's training mode; returns self. Switching from training to evaluation
+        with ``broadcast_buffers`` first overwrites every buffer with rank 0's (a collective:
+        every process must make the same call), so that all processes evaluate one model."""
+        if not mode and self.broadcast_buffers and self.module.training:
+            for b in self.module.buffers():
+                self.process_group.broadcast_(b, 0)
+        self.module.train(mode)
         return self
 
     # --- training --------------------------------------------------------------------------------
@@ -104,11 +119,6 @@ class DistributedDataParallel(Module):
     def forward(self, x):
         if self.module.training:
             self._count = int(x.shape[0])
-            # training forwards run in step on every process, so a collective here cannot
-            # wait for a process that has no batch (evaluation shards may be uneven)
-            if self.broadcast_buffers:
-                for b in self.module.buffers():
-                    self.process_group.broadcast_(b, 0)
         return self.module.forward(x)
 
     def backward(self, dy, input_grad=True):
@@ -127,7 +137,7 @@ class DistributedDataParallel(Module):
         if count is None:
             raise RuntimeError("DistributedDataParallel.reduce_gradients: no batch size; run a "
                                "training-mode forward first or pass count=")
-        if not self._bound():
+        if self._first.grad is not self._first_view:     # replaced behind .to's back
             self._bind()
         for flat in self._buffers_flat:
             grads = flat[:-1]
@@ -159,19 +169,16 @@ class DistributedDataParallel(Module):
 
     # --- the flat gradient buffers ---------------------------------------------------------------
 
-    def _bound(self):
-        params = self.module.parameters()
-        return (self._views is not None and len(params) == len(self._views)
-                and all(p is q and p.grad is v for p, (q, v) in zip(params, self._views)))
-
     def _bind(self):
         """Put every gradient into a flat buffer of its dtype (values kept) and make
-        ``Parameter.grad`` a view of its part. Redone when a gradient was replaced
-        (``Module.to`` makes new arrays), so an optimizer always sees the live views."""
+        ``Parameter.grad`` a view of its part. Redone by ``to`` (``Module.to`` makes new
+        arrays), so an optimizer always sees the live views; ``reduce_gradients`` rebinds too when
+        the first parameter's gradient is no longer its view (an O(1) check: the bare module was
+        moved on its own)."""
         groups = {}
         for p in self.module.parameters():
             groups.setdefault(p.grad.dtype, []).append(p)
-        self._buffers_flat, views = [], {}
+        self._buffers_flat = []
         for dtype, params in groups.items():
             xp = get_array_module(params[0].grad)
             flat = xp.zeros(sum(int(p.size) for p in params) + 1, dtype=dtype)
@@ -180,10 +187,10 @@ class DistributedDataParallel(Module):
                 view = flat[offset:offset + p.size].reshape(p.shape)
                 view[...] = p.grad
                 p.grad = view
-                views[id(p)] = view
                 offset += p.size
             self._buffers_flat.append(flat)
-        self._views = [(p, views[id(p)]) for p in self.module.parameters()]
+        self._first = self.module.parameters()[0]
+        self._first_view = self._first.grad
 
     def __repr__(self):
         g = self.process_group

@@ -102,8 +102,8 @@ class DistributedSampler:
         total = self.total_size
         if total <= self.n:
             return order[:total]
-        reps = -(-total // max(self.n, 1))      # padding longer than n repeats the order again
-        return np.tile(order, reps)[:total] if self.n else order
+        # padded: n >= 1 here (n = 0 gives total 0); padding longer than n repeats it again
+        return np.tile(order, -(-total // self.n))[:total]
 
     def indices(self):
         """This process's indices for the epoch: int64 (len(self),)."""

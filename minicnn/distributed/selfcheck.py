@@ -60,10 +60,23 @@ def _timed(fn, sync, repeats):
     return float(np.median(times))
 
 
+def _check_size(batch, steps):
+    """The bundled training sample, or ValueError when ``steps`` batches of ``batch`` do not fit
+    in it (later batches would be empty: a NaN loss and a FAILED comparison)."""
+    sample = mnist_sample(train=True)
+    if batch * steps > len(sample.images):
+        raise ValueError(f"selfcheck: {steps} steps at batch {batch} need {batch * steps:,} "
+                         f"images; the bundled sample has {len(sample.images):,}. Lower --steps "
+                         f"or --batch-size")
+    return sample
+
+
 def run(device="auto", dtype="float32", steps=10, batch=64, repeats=10, out=print):
     """Train ``steps`` steps at ``batch`` with and without the wrapper; print the comparison and
     timings through ``out``; return a dict of the figures, "ok" true when the parameters agree
-    (bit for bit expected; at most 1e-6 (float32) or 1e-12 (float64) relative to the largest)."""
+    (bit for bit expected; at most 1e-6 (float32) or 1e-12 (float64) relative to the largest).
+    ValueError up front when ``batch * steps`` exceeds the bundled sample's 5,000 images."""
+    sample = _check_size(batch, steps)
     has_mpi = importlib.util.find_spec("mpi4py") is not None
     if not has_mpi:
         out("mpi4py is not installed: a group of one process without MPI stands in "
@@ -83,7 +96,6 @@ def run(device="auto", dtype="float32", steps=10, batch=64, repeats=10, out=prin
         group.broadcast_(probe)
         collectives_ok = bool(np.array_equal(to_numpy(probe), np.arange(1, 1001, dtype=dtype)))
 
-        sample = mnist_sample(train=True)
         x_all = xp.asarray(sample.images[:batch * steps].astype(dtype))
         y_all = xp.asarray(sample.labels[:batch * steps])
         batches = [(x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch])
@@ -130,6 +142,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
+    try:
+        _check_size(args.batch_size, args.steps)
+    except ValueError as e:
+        ap.error(str(e))            # the message and exit status 2, no traceback
     result = run(args.device, args.dtype, args.steps, args.batch_size)
     return 0 if result["ok"] else 1
 
