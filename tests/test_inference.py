@@ -240,6 +240,18 @@ def test_grad_cam_peaks_where_the_class_evidence_is():
     assert evidence1[:7, :7].max() == 0
 
 
+def _central_differences(score, activations, eps=1e-6):
+    """d score / d activations, element by element: (score(a + eps) - score(a - eps)) / 2 eps."""
+    numeric = np.zeros_like(activations)
+    for i in np.ndindex(*activations.shape):
+        a = activations.copy()
+        a[i] += eps
+        plus = score(a)
+        a[i] -= 2 * eps
+        numeric[i] = (plus - score(a)) / (2 * eps)
+    return numeric
+
+
 def test_captured_gradient_matches_finite_differences(float64):
     """dA from the hand-written backward of the layers after the chosen one, against central
     differences of sum_b logits[b, c_b] in eval mode, for every element of A (2x4x6x6), with
@@ -267,14 +279,7 @@ def test_captured_gradient_matches_finite_differences(float64):
     def score(a):
         return tail(a)[np.arange(2), classes].sum()
 
-    eps = 1e-6
-    numeric = np.zeros_like(cap.activations)
-    for i in np.ndindex(*cap.activations.shape):
-        a = cap.activations.copy()
-        a[i] += eps
-        plus = score(a)
-        a[i] -= 2 * eps
-        numeric[i] = (plus - score(a)) / (2 * eps)
+    numeric = _central_differences(score, cap.activations)
     np.testing.assert_allclose(cap.gradients, numeric, atol=1e-5, rtol=1e-4)
     assert np.abs(numeric).max() > 1e-3                     # not a test of zeros
     assert bn.weight.requires_grad and bn.bias.requires_grad and not bn.training
@@ -295,14 +300,7 @@ def test_captured_gradient_through_a_batchnorm_without_running_statistics(float6
     def score(a):
         return tail(a)[np.arange(3), classes].sum()
 
-    eps = 1e-6
-    numeric = np.zeros_like(cap.activations)
-    for i in np.ndindex(*cap.activations.shape):
-        a = cap.activations.copy()
-        a[i] += eps
-        plus = score(a)
-        a[i] -= 2 * eps
-        numeric[i] = (plus - score(a)) / (2 * eps)
+    numeric = _central_differences(score, cap.activations)
     np.testing.assert_allclose(cap.gradients, numeric, atol=1e-5, rtol=1e-4)
     assert np.abs(numeric).max() > 1e-3                     # not a test of zeros
     assert model.training and model[4].training
